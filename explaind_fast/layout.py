@@ -1,0 +1,188 @@
+"""The flat parameter layout: which coordinates of θ ∈ R^D belong to which tensor and param group.
+
+θ is the concatenation of the model's *trainable* parameters (``requires_grad=True``) in
+``named_parameters()`` order, each flattened row-major (``tensor.reshape(-1)``). Frozen parameters
+are not part of θ. Every other module (recorder, store, optimizer rules, engine) speaks in this
+layout; nothing else in the library knows how a model is flattened.
+
+Param groups of the optimizer map to sets of tensors; ``group_of_tensor[t]`` gives the optimizer
+param-group index of tensor ``t``. Per-coordinate hyperparameter vectors (learning rate, weight
+decay) are expanded with :meth:`ParamLayout.expand`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Layout of the flat parameter vector.
+
+    Attributes:
+        names: parameter names in flat order (``named_parameters()`` order, trainable only).
+        shapes: their shapes.
+        dtypes: their dtypes as strings (``"float32"``…).
+        group_of_tensor: optimizer param-group index of each tensor (0 when unknown).
+    """
+
+    names: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+    dtypes: Tuple[str, ...]
+    group_of_tensor: Tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        n = len(self.names)
+        if len(self.shapes) != n or len(self.dtypes) != n:
+            raise ValueError("ParamLayout: names, shapes and dtypes must have the same length")
+        if not self.group_of_tensor:
+            object.__setattr__(self, "group_of_tensor", (0,) * n)
+        elif len(self.group_of_tensor) != n:
+            raise ValueError("ParamLayout: group_of_tensor must have one entry per tensor")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
+                   ) -> "ParamLayout":
+        """Layout of ``model``'s trainable parameters; groups taken from ``optimizer`` if given.
+
+        Raises ValueError when the optimizer holds a parameter the model does not have, or when a
+        trainable parameter of the model is in no param group (it would move without being
+        explained, or not move while being counted).
+        """
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [0] * len(named)
+        if optimizer is not None:
+            where: Dict[int, int] = {}
+            for gi, group in enumerate(optimizer.param_groups):
+                for p in group["params"]:
+                    where[id(p)] = gi
+            model_ids = {id(p) for _, p in named}
+            for gi, group in enumerate(optimizer.param_groups):
+                for p in group["params"]:
+                    if id(p) not in model_ids and p.requires_grad:
+                        raise ValueError(
+                            f"optimizer param group {gi} holds a trainable parameter of shape "
+                            f"{tuple(p.shape)} that is not a trainable parameter of the model")
+            for i, (n, p) in enumerate(named):
+                if id(p) not in where:
+                    raise ValueError(f"trainable parameter '{n}' is in no optimizer param group; "
+                                     "freeze it (requires_grad=False) or add it to the optimizer")
+                groups[i] = where[id(p)]
+        return cls(
+            names=tuple(n for n, _ in named),
+            shapes=tuple(tuple(p.shape) for _, p in named),
+            dtypes=tuple(str(p.dtype).replace("torch.", "") for _, p in named),
+            group_of_tensor=tuple(groups),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParamLayout":
+        return cls(names=tuple(d["names"]), shapes=tuple(tuple(s) for s in d["shapes"]),
+                   dtypes=tuple(d["dtypes"]), group_of_tensor=tuple(d.get("group_of_tensor", ())))
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes],
+                "dtypes": list(self.dtypes), "group_of_tensor": list(self.group_of_tensor)}
+
+    # ------------------------------------------------------------------ sizes and offsets
+    @property
+    def numels(self) -> Tuple[int, ...]:
+        out = []
+        for s in self.shapes:
+            n = 1
+            for d in s:
+                n *= d
+            out.append(n)
+        return tuple(out)
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        """Start of each tensor in θ, plus D at the end (length len(names)+1)."""
+        off = [0]
+        for n in self.numels:
+            off.append(off[-1] + n)
+        return tuple(off)
+
+    @property
+    def D(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def num_groups(self) -> int:
+        return max(self.group_of_tensor) + 1 if self.group_of_tensor else 0
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no trainable parameter named '{name}' in the layout") from None
+
+    def slice(self, name: str) -> slice:
+        i = self.index(name)
+        off = self.offsets
+        return slice(off[i], off[i + 1])
+
+    # ------------------------------------------------------------------ conversions
+    def flatten(self, tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None
+                ) -> torch.Tensor:
+        """Concatenate per-tensor values (in layout order) into one flat [D] vector."""
+        if len(tensors) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} tensors, got {len(tensors)}")
+        parts = []
+        for name, shape, t in zip(self.names, self.shapes, tensors):
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"parameter '{name}': expected shape {tuple(shape)}, "
+                                 f"got {tuple(t.shape)}")
+            parts.append(t.detach().reshape(-1) if dtype is None else
+                         t.detach().reshape(-1).to(dtype))
+        if not parts:
+            return torch.zeros(0, dtype=dtype or torch.float32)
+        return torch.cat(parts)
+
+    def flatten_model(self, model: torch.nn.Module, dtype: Optional[torch.dtype] = None
+                      ) -> torch.Tensor:
+        """θ of ``model`` as a flat [D] vector (checks that the model matches the layout)."""
+        self.check_model(model)
+        params = dict(model.named_parameters())
+        return self.flatten([params[n] for n in self.names], dtype=dtype)
+
+    def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Split a flat [..., D] tensor into {name: [..., *shape]} views (leading dims kept)."""
+        if flat.shape[-1] != self.D:
+            raise ValueError(f"flat vector has length {flat.shape[-1]}, layout has D={self.D}")
+        lead = tuple(flat.shape[:-1])
+        out = {}
+        off = self.offsets
+        for i, (name, shape) in enumerate(zip(self.names, self.shapes)):
+            out[name] = flat[..., off[i]:off[i + 1]].reshape(lead + tuple(shape))
+        return out
+
+    def expand(self, per_group: Sequence[float], dtype: torch.dtype = torch.float64,
+               device=None) -> torch.Tensor:
+        """Per-coordinate [D] vector from one value per optimizer param group."""
+        values = torch.tensor([float(per_group[g]) for g in self.group_of_tensor], dtype=dtype,
+                              device=device)
+        return torch.repeat_interleave(values, torch.tensor(self.numels, device=device))
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ValueError naming the first parameter where ``model`` and the layout disagree."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        have = {n: tuple(p.shape) for n, p in named}
+        for name, shape in zip(self.names, self.shapes):
+            if name not in have:
+                raise ValueError(f"the trajectory has parameter '{name}' {shape} that the model "
+                                 "does not have (or has frozen)")
+            if have[name] != tuple(shape):
+                raise ValueError(f"parameter '{name}': trajectory shape {tuple(shape)}, model "
+                                 f"shape {have[name]}")
+        extra = [n for n, _ in named if n not in set(self.names)]
+        if extra:
+            raise ValueError(f"the model has trainable parameter '{extra[0]}' that the trajectory "
+                             "does not record")
+        order = [n for n, _ in named]
+        if tuple(order) != self.names:
+            raise ValueError("the model's trainable parameters are in a different order than the "
+                             "trajectory's")
