@@ -1,0 +1,14 @@
+// The Python module explaind_fast._C. Importing it runs the static TORCH_LIBRARY registrations in
+// path_kernel_reduce.cpp; the functions here only describe how the extension was built.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "explaind_fast._C: registers torch.ops.explaind_fast.* (schema, checks, CPU kernel)";
+  m.def("compiled_with_openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CPU kernel was compiled with OpenMP (parallel over groups and row blocks).");
+}

@@ -1,0 +1,27 @@
+// The fused path-kernel reduction:
+//
+//     out[g, r, p] += alpha * sum_q w[q] * sum_{i in [offsets[g], offsets[g+1])} J[q, r, i] * B[p, i]
+//
+// J: [Q, R, D] float32 | bfloat16 | float64, w: [Q], B: [P, D] (dtype of J), offsets: [G+1] int64
+// non-decreasing from 0 to D, out: [G, R, P]. The accumulation dtype is float32 for float32/bfloat16
+// inputs and float64 for float64 inputs; w and out must have the accumulation dtype.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+namespace explaind_fast {
+
+// The accumulation dtype for an input dtype (float32 for float32/bfloat16, float64 for float64).
+c10::ScalarType accumulation_dtype(c10::ScalarType input_dtype);
+
+// The one input check shared by every backend. Raises c10::Error with a message that names the
+// offending argument. Reads the offset values (a device-to-host copy when they live on a GPU).
+void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
+                              const at::Tensor& offsets, const std::optional<at::Tensor>& out);
+
+// CPU implementation: accumulates into out (contiguous, checked by the caller).
+void path_kernel_reduce_accumulate_cpu(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
+                                       const at::Tensor& offsets, at::Tensor& out, double alpha);
+
+}  // namespace explaind_fast
