@@ -1,0 +1,810 @@
+"""Kink-aware quadrature: exact path integrals for ReLU / max-pool / piecewise models.
+
+The test feature map of step s is φ_s(x) = ∫_0^1 J(θ_s + tΔ_s) dt (DESIGN.md §2). On a model with
+piecewise operations (ReLU, abs, hardtanh, clamp, maximum, max-pool …) the integrand jumps wherever
+one of the operation's *switching functions* z(t) (a pre-activation, or the difference between two
+candidates of a max) changes sign along the path θ(t) = θ_s + tΔ_s. Between those breakpoints the
+integrand is smooth, so Gauss–Legendre on each piece converges geometrically instead of like 1/n.
+
+For every test sample this module finds the breakpoints t ∈ (0, 1):
+
+1. **Capture.** The model is evaluated functionally under a ``TorchFunctionMode`` that records the
+   switching functions of every piecewise torch call (``F.relu``, ``nn.ReLU``, ``torch.abs``,
+   ``clamp``, ``maximum``, ``F.max_pool2d`` …; see :data:`SWITCHES`). Ops that are piecewise but that
+   this rule cannot handle (``sign``, ``round``, ``topk`` …) are reported in ``Kinks.unseen`` and with
+   a warning; users declare their own with ``activations=``.
+2. **Bracket.** z and dz/dt (forward mode, ``torch.func.jvp``) are evaluated for all samples at once
+   on a shared grid of ``grid + 1`` points. A sign change in a cell brackets a crossing; a cubic
+   Hermite fit of (z, dz/dt) flags cells where z may dip through zero and come back, which are
+   probed with one extra evaluation.
+3. **Polish.** Each bracket is refined by safeguarded Newton iterations (falls back to bisection),
+   evaluating that sample at its own t (``vmap`` over per-row parameters θ_s + tΔ_s), to
+   ``tol_t`` (1e-14 by default) in t.
+
+Only breakpoints strictly inside (0, 1) split the interval; ones closer than ``merge_tol`` are merged.
+A unit that touches zero without crossing creates no breakpoint (the integrand is continuous there).
+Switching functions are continuous in t even when upstream units switch (compositions of continuous
+maps), so brackets always hold a root; only the Hermite dip test assumes smoothness inside a cell.
+
+Known limits (the quadrature residual certifies every step and shows them): a unit crossing twice
+inside one grid cell with a dip the Hermite test does not flag; a max-pool window whose maximum
+changes hands more than once inside one cell between non-argmax candidates.
+
+Cost: ``grid + 1`` batched forward-mode passes over the M samples, plus about two single-sample
+forward-mode passes per breakpoint. Peak memory: (grid + 1)·M·K floats for the switching values
+(K = switching units per sample, e.g. positions × MLP width) plus ``chunk``·D floats for the
+per-row parameter vectors of the polishing step.
+
+Sign convention (of the quantities these nodes integrate): contributions to the *change*,
+final = initial + kernel.sum() + reg.sum(); the paper's ψ is minus this.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jvp, vmap
+from torch.overrides import TorchFunctionMode
+
+from .layout import ParamLayout
+
+try:  # the engine's node container; a local stand-in keeps this module usable on its own
+    from .quadrature import NodeSet
+except ImportError:  # pragma: no cover - removed once quadrature.py lands
+    @dataclass
+    class NodeSet:
+        """Quadrature nodes on [0, 1]: t, w float64 of shape [Q] (shared) or [M, Q] (per sample)."""
+        t: torch.Tensor
+        w: torch.Tensor
+
+__all__ = ["kink_nodes", "find_kinks", "nodes_from_breakpoints", "Kinks", "SWITCHES",
+           "UNSUPPORTED", "gauss_legendre"]
+
+
+# ============================================================================ switching functions
+# An extractor maps a torch call (args, kwargs) to a list of (kind, tensor):
+#   ("sign", z)      kinks where an element of z crosses zero; z has the batch dim of the call.
+#   ("argmax", C)    C[..., c] are the candidates of a max; kinks where the argmax changes.
+
+def _arg(args, kwargs, i, name, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _is_float_tensor(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _at_zero(args, kwargs):
+    return [("sign", args[0])]
+
+
+def _relu6(args, kwargs):
+    return [("sign", args[0]), ("sign", args[0] - 6.0)]
+
+
+def _clamp(args, kwargs):
+    x = args[0]
+    lo = _arg(args, kwargs, 1, "min")
+    hi = _arg(args, kwargs, 2, "max")
+    return [("sign", x - b) for b in (lo, hi) if b is not None]
+
+
+def _clamp_min(args, kwargs):
+    return [("sign", args[0] - _arg(args, kwargs, 1, "min"))]
+
+
+def _clamp_max(args, kwargs):
+    return [("sign", args[0] - _arg(args, kwargs, 1, "max"))]
+
+
+def _binary_diff(args, kwargs):
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    if not (_is_float_tensor(a) or _is_float_tensor(b)):
+        return []
+    return [("sign", a - b)]
+
+
+def _max_or_min(args, kwargs):
+    """torch.max/min: elementwise with a tensor `other`, or a reduction over `dim`."""
+    other = _arg(args, kwargs, 1, "other")
+    if isinstance(other, torch.Tensor):
+        return _binary_diff(args, kwargs)
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None:
+        raise _Unsupported("full reduction (mixes the samples of the batch)")
+    return _reduction_candidates(args[0], dim)
+
+
+def _amax(args, kwargs):
+    dim = _arg(args, kwargs, 1, "dim", ())
+    if dim is None or dim == () or dim == []:
+        raise _Unsupported("full reduction (mixes the samples of the batch)")
+    return _reduction_candidates(args[0], dim)
+
+
+def _reduction_candidates(x, dim):
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    dims = sorted(d % x.dim() for d in dims)
+    if 0 in dims:
+        raise _Unsupported("reduction over dim 0 (the batch dimension)")
+    rest = [d for d in range(x.dim()) if d not in dims]
+    c = x.permute(rest + dims)
+    return [("argmax", c.reshape(*c.shape[:len(rest)], -1))]
+
+
+class _Unsupported(Exception):
+    """Raised by an extractor when this call of a piecewise op cannot be handled."""
+
+
+def _pool_windows(x, nd, kernel_size, stride, padding, dilation, ceil_mode):
+    """Candidates [*lead, *out_spatial, prod(kernel)] of a max-pool (padding counts as -inf)."""
+    def tup(v, default=None):
+        if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+            v = default
+        return tuple(v) if isinstance(v, (list, tuple)) else (v,) * nd
+    k = tup(kernel_size)
+    s = tup(stride, kernel_size)
+    p = tup(padding if padding is not None else 0)
+    d = tup(dilation if dilation is not None else 1)
+    if ceil_mode:
+        raise _Unsupported("max-pool with ceil_mode=True")
+    if any(pi > 0 for pi in p):
+        pad = []
+        for pi in reversed(p):
+            pad += [pi, pi]
+        x = F.pad(x, pad, value=float("-inf"))
+    lead = x.dim() - nd
+    for i in range(nd):
+        span = (k[i] - 1) * d[i] + 1
+        x = x.unfold(lead + i, span, s[i])
+        if d[i] > 1:
+            x = x[..., ::d[i]]
+    # x: [*lead, *out, k0, k1, ...] -> candidates last
+    return x.reshape(*x.shape[:lead + nd], -1)
+
+
+def _max_pool(nd):
+    def extract(args, kwargs):
+        x = args[0]
+        names = ["kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+        vals = [_arg(args, kwargs, i + 1, n) for i, n in enumerate(names)]
+        return [("argmax", _pool_windows(x, nd, vals[0], vals[1], vals[2], vals[3],
+                                         bool(vals[4])))]
+    return extract
+
+
+def _adaptive_max_pool(nd):
+    def extract(args, kwargs):
+        x = args[0]
+        out = _arg(args, kwargs, 1, "output_size")
+        out = tuple(out) if isinstance(out, (list, tuple)) else (out,) * nd
+        size = x.shape[-nd:]
+        out = tuple(size[i] if o is None else o for i, o in enumerate(out))
+        if any(size[i] % out[i] for i in range(nd)):
+            raise _Unsupported("adaptive max-pool whose input size is not a multiple of its output")
+        k = tuple(size[i] // out[i] for i in range(nd))
+        return [("argmax", _pool_windows(x, nd, k, k, 0, 1, False))]
+    return extract
+
+
+def _hardtanh(args, kwargs):
+    lo = _arg(args, kwargs, 1, "min_val", -1.0)
+    hi = _arg(args, kwargs, 2, "max_val", 1.0)
+    return [("sign", args[0] - lo), ("sign", args[0] - hi)]
+
+
+def _pm(value_of):
+    def extract(args, kwargs):
+        v = value_of(args, kwargs)
+        return [("sign", args[0] - v), ("sign", args[0] + v)]
+    return extract
+
+
+def _threshold(args, kwargs):
+    return [("sign", args[0] - _arg(args, kwargs, 1, "threshold"))]
+
+
+def _collect(*names_and_fns):
+    table = {}
+    for owner, names, fn in names_and_fns:
+        for n in names:
+            f = getattr(owner, n, None)
+            if f is not None:
+                table[f] = fn
+    return table
+
+
+T = torch.Tensor
+#: torch callable -> extractor of its switching functions (see module docstring).
+SWITCHES: Dict[Callable, Callable] = _collect(
+    (F, ["relu", "relu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "celu_", "selu",
+         "selu_", "prelu", "rrelu", "rrelu_"], _at_zero),
+    (torch, ["relu", "relu_", "abs", "abs_", "absolute", "prelu", "rrelu", "selu", "celu"],
+     _at_zero),
+    (T, ["relu", "relu_", "abs", "abs_", "absolute", "__abs__", "prelu"], _at_zero),
+    (F, ["relu6"], _relu6),
+    (F, ["hardtanh", "hardtanh_"], _hardtanh),
+    (F, ["hardswish", "hardsigmoid"], _pm(lambda a, k: 3.0)),
+    (F, ["softshrink", "hardshrink"], _pm(lambda a, k: _arg(a, k, 1, "lambd", 0.5))),
+    (F, ["threshold", "threshold_"], _threshold),
+    (torch, ["clamp", "clip", "clamp_"], _clamp),
+    (T, ["clamp", "clip", "clamp_", "clip_"], _clamp),
+    (torch, ["clamp_min"], _clamp_min), (T, ["clamp_min", "clamp_min_"], _clamp_min),
+    (torch, ["clamp_max"], _clamp_max), (T, ["clamp_max", "clamp_max_"], _clamp_max),
+    (torch, ["maximum", "minimum", "fmax", "fmin"], _binary_diff),
+    (T, ["maximum", "minimum", "fmax", "fmin"], _binary_diff),
+    (torch, ["gt", "ge", "lt", "le", "greater", "greater_equal", "less", "less_equal"],
+     _binary_diff),
+    (T, ["gt", "ge", "lt", "le", "__gt__", "__ge__", "__lt__", "__le__"], _binary_diff),
+    (torch, ["max", "min"], _max_or_min), (T, ["max", "min"], _max_or_min),
+    (torch, ["amax", "amin"], _amax), (T, ["amax", "amin"], _amax),
+    (F, ["max_pool1d", "max_pool1d_with_indices"], _max_pool(1)),
+    (F, ["max_pool2d", "max_pool2d_with_indices"], _max_pool(2)),
+    (F, ["max_pool3d", "max_pool3d_with_indices"], _max_pool(3)),
+    (F, ["adaptive_max_pool1d", "adaptive_max_pool1d_with_indices"], _adaptive_max_pool(1)),
+    (F, ["adaptive_max_pool2d", "adaptive_max_pool2d_with_indices"], _adaptive_max_pool(2)),
+    (F, ["adaptive_max_pool3d", "adaptive_max_pool3d_with_indices"], _adaptive_max_pool(3)),
+)
+
+#: Piecewise torch callables whose breakpoints this rule cannot find (reported, never silently).
+UNSUPPORTED = _collect(
+    (torch, ["sign", "sgn", "round", "floor", "ceil", "trunc", "frac", "fmod", "remainder",
+             "sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", "cummax",
+             "cummin", "heaviside", "bucketize", "searchsorted", "argmax", "argmin"], None),
+    (T, ["sign", "sgn", "round", "floor", "ceil", "trunc", "frac", "fmod", "remainder", "sort",
+         "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", "cummax", "cummin",
+         "heaviside", "argmax", "argmin", "__mod__", "__floordiv__"], None),
+    (F, ["max_unpool1d", "max_unpool2d", "max_unpool3d", "fractional_max_pool2d",
+         "fractional_max_pool3d", "gumbel_softmax"], None),
+)
+
+
+def _name(func) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+
+
+class _Capture(TorchFunctionMode):
+    """Records the switching functions of every piecewise torch call made under it."""
+
+    def __init__(self, extra: Dict[Callable, Callable]):
+        super().__init__()
+        self.extra = extra
+        self.switches: List[Tuple[str, str, torch.Tensor]] = []  # (op name, kind, tensor)
+        self.unseen: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        extractor = self.extra.get(func) or SWITCHES.get(func)
+        if extractor is not None and any(_is_float_tensor(a) for a in args[:2]):
+            try:
+                for kind, z in extractor(args, kwargs):
+                    if isinstance(z, torch.Tensor) and z.is_floating_point():
+                        self.switches.append((_name(func), kind, z))
+            except _Unsupported as why:
+                self.unseen.append(f"{_name(func)} ({why})")
+        elif func in UNSUPPORTED and args and _is_float_tensor(args[0]):
+            self.unseen.append(_name(func))
+        return func(*args, **kwargs)
+
+
+def _module_switches(activations) -> Tuple[Dict[Callable, Callable], List]:
+    """Split user declarations into torch-callable extractors and module hooks."""
+    funcs: Dict[Callable, Callable] = {}
+    modules = []
+    for item in activations or ():
+        target, switch = (item if isinstance(item, tuple) else (item, None))
+        if isinstance(target, torch.nn.Module) or (isinstance(target, type) and
+                                                   issubclass(target, torch.nn.Module)):
+            modules.append((target, switch))
+        elif callable(target):
+            funcs[target] = ((lambda a, k, sw=switch: [("sign", z) for z in _as_list(sw(*a, **k))])
+                             if switch is not None else _at_zero)
+        else:
+            raise TypeError(f"activations: expected an nn.Module, a module class or a torch "
+                            f"callable (optionally paired with a switch function), got {item!r}")
+    return funcs, modules
+
+
+def _as_list(z):
+    return list(z) if isinstance(z, (list, tuple)) else [z]
+
+
+# ============================================================================ the path evaluator
+class _Path:
+    """Evaluates the switching functions of a model along θ(t) = θ_s + tΔ_s.
+
+    Every evaluation returns, per sample, one flat vector of all switching values (sign switches
+    and max candidates concatenated in call order); ``self.blocks`` describes that vector.
+    """
+
+    def __init__(self, model, layout: ParamLayout, theta, delta, inputs, activations,
+                 chunk_elems: int):
+        if theta.dim() != 1 or theta.shape[0] != layout.D:
+            raise ValueError(f"theta_s must be a flat [D={layout.D}] vector, got "
+                             f"{tuple(theta.shape)}")
+        if delta.shape != theta.shape:
+            raise ValueError(f"delta_s must have theta_s's shape {tuple(theta.shape)}, got "
+                             f"{tuple(delta.shape)}")
+        if not theta.is_floating_point():
+            raise ValueError("theta_s must be a floating-point tensor")
+        self.model, self.layout = model, layout
+        self.theta, self.delta = theta, delta.to(theta.dtype)
+        self.inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+        if not self.inputs or not all(isinstance(x, torch.Tensor) for x in self.inputs):
+            raise ValueError("test_inputs must be a tensor or a tuple of tensors")
+        self.M = self.inputs[0].shape[0]
+        if any(x.shape[0] != self.M for x in self.inputs):
+            raise ValueError("all test input tensors must share their leading (sample) dimension")
+        trainable = set(layout.names)
+        self.fixed = {}
+        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if n not in trainable:
+                self.fixed[n] = (p.detach().to(theta.dtype) if p.is_floating_point()
+                                 else p.detach())
+        self.funcs, self.modules = _module_switches(activations)
+        self.chunk_elems = chunk_elems
+        self.unseen: List[str] = []
+        self.shared_evals = 0
+        self.row_evals = 0
+        self._layout_probe()
+
+    # --- raw capture -------------------------------------------------------------------------
+    def _capture(self, t, inputs):
+        params = self.layout.unflatten(self.theta + t * self.delta)
+        mode = _Capture(self.funcs)
+        handles = []
+        for target, switch in self.modules:
+            def pre_hook(mod, args, switch=switch):
+                zs = switch(*args) if switch is not None else args[0]
+                for z in _as_list(zs):
+                    mode.switches.append((type(mod).__name__, "sign", z))
+            for mod in self.model.modules():
+                if mod is target or (isinstance(target, type) and isinstance(mod, target)):
+                    handles.append(mod.register_forward_pre_hook(pre_hook))
+        try:
+            with mode:
+                functional_call(self.model, {**self.fixed, **params}, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return mode
+
+    def _layout_probe(self):
+        """Find each switch's batch dimension (the one that grows from 1 to 2 samples)."""
+        mode1 = self._capture(torch.zeros((), dtype=self.theta.dtype),
+                              tuple(x[:1] for x in self.inputs))
+        self.unseen = sorted(set(mode1.unseen))
+        shapes1 = [tuple(z.shape) for _, _, z in mode1.switches]
+        if self.M >= 2:
+            mode2 = self._capture(torch.zeros((), dtype=self.theta.dtype),
+                                  tuple(x[:2] for x in self.inputs))
+            shapes2 = [tuple(z.shape) for _, _, z in mode2.switches]
+            if len(shapes2) != len(shapes1):
+                raise RuntimeError("the model calls a different number of piecewise ops for 1 "
+                                   "and 2 samples; kink detection needs a fixed call sequence")
+        else:
+            shapes2 = None
+        self.blocks = []  # (name, kind, batch dim, per-sample size, candidates)
+        dropped = []
+        for i, (name, kind, z) in enumerate(mode1.switches):
+            s1 = shapes1[i]
+            if shapes2 is None:
+                bdim = 0 if len(s1) > 0 and s1[0] == 1 else None
+            else:
+                diff = [d for d in range(len(s1)) if s1[d] != shapes2[i][d]]
+                bdim = diff[0] if len(diff) == 1 and s1[diff[0]] == 1 and shapes2[i][diff[0]] == 2 \
+                    else None
+            if bdim is None or (kind == "argmax" and bdim == len(s1) - 1):
+                dropped.append(name)
+                self.blocks.append(None)
+                continue
+            cand = s1[-1] if kind == "argmax" else 1
+            size = math.prod(s1) // cand
+            self.blocks.append((name, kind, bdim, size, cand))
+        if dropped:
+            self.unseen += sorted({f"{n} (not batched over the samples)" for n in dropped})
+        self.offsets = [0]
+        for b in self.blocks:
+            self.offsets.append(self.offsets[-1] + (0 if b is None else b[3] * b[4]))
+        self.K = self.offsets[-1]
+
+    def _flat(self, switches, B):
+        """Concatenate the captured switches into [B, K] (candidates of a max kept adjacent)."""
+        if len(switches) != len(self.blocks):
+            raise RuntimeError("the model called a different sequence of piecewise ops than "
+                               "at the first evaluation; kink detection needs a fixed sequence")
+        parts = []
+        for (_, _, z), b in zip(switches, self.blocks):
+            if b is None:
+                continue
+            parts.append(z.movedim(b[2], 0).reshape(B, -1))
+        if not parts:
+            return torch.zeros(B, 0, dtype=self.theta.dtype)
+        return torch.cat(parts, dim=1)
+
+    # --- evaluations -------------------------------------------------------------------------
+    def shared(self, t: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Values and t-derivatives [M, K] of all switching functions at a shared t."""
+        def f(tt):
+            return self._flat(self._capture(tt, self.inputs).switches, self.M)
+        t0 = torch.tensor(float(t), dtype=self.theta.dtype)
+        z, dz = jvp(f, (t0,), (torch.ones_like(t0),))
+        self.shared_evals += 1
+        return z, dz
+
+    def rows(self, sample: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Values and t-derivatives [R, K] of all switching functions of sample[r] at t[r]."""
+        R = sample.shape[0]
+        out_z, out_dz = [], []
+        step = max(1, self.chunk_elems // max(1, self.layout.D + self.K))
+
+        def one(tt, *xs):
+            def f(t1):
+                return self._flat(self._capture(t1, tuple(x[None] for x in xs)).switches, 1)[0]
+            return jvp(f, (tt,), (torch.ones_like(tt),))
+
+        for a in range(0, R, step):
+            idx = sample[a:a + step]
+            xs = tuple(x[idx] for x in self.inputs)
+            z, dz = vmap(one)(t[a:a + step].to(self.theta.dtype), *xs)
+            out_z.append(z)
+            out_dz.append(dz)
+        self.row_evals += R
+        if not out_z:
+            empty = torch.zeros(0, self.K, dtype=self.theta.dtype)
+            return empty, empty
+        return torch.cat(out_z), torch.cat(out_dz)
+
+
+# ============================================================================ breakpoint search
+@dataclass
+class Kinks:
+    """Breakpoints of the path integrand of one step, per test sample.
+
+    Attributes:
+        breakpoints: list of M sorted float64 tensors, the kinks strictly inside (0, 1).
+        num_switches: switching units per sample K (max candidates counted individually).
+        shared_evals: batched forward-mode passes over all M samples (the bracketing grid).
+        row_evals: single-sample forward-mode passes (probes and Newton polishing).
+        unseen: piecewise ops the rule cannot see (their kinks are *not* in ``breakpoints``;
+            the quadrature residual will show the error they cause).
+        unconverged: breakpoints whose Newton/bisection did not reach ``tol_t``.
+    """
+
+    breakpoints: List[torch.Tensor]
+    num_switches: int
+    shared_evals: int
+    row_evals: int
+    unseen: List[str] = field(default_factory=list)
+    unconverged: int = 0
+
+    @property
+    def pieces(self) -> torch.Tensor:
+        """Number of smooth pieces per sample, int64 [M]."""
+        return torch.tensor([len(b) + 1 for b in self.breakpoints], dtype=torch.int64)
+
+
+def _switch_rows(path: _Path, z0, d0, z1, d1, h):
+    """Switching functions of one grid cell as rows (sample, i1, i2): z = V[i1] − V[i2].
+
+    Returns (sample, i1, i2, value at cell start, value at cell end, d/dt at start, d/dt at end)
+    with i2 = K (a zero slot) for sign switches. Max candidates become differences to the
+    argmax at the cell start, so every switch is ≥ 0 at the start of the cell for them.
+    """
+    M, K = z0.shape
+    rows = []
+    for b, off in zip(path.blocks, path.offsets[:-1]):
+        if b is None:
+            continue
+        _, kind, _, size, cand = b
+        if kind == "sign":
+            i1 = off + torch.arange(size).expand(M, size)
+            i2 = torch.full_like(i1, K)
+        else:
+            c0 = z0[:, off:off + size * cand].reshape(M, size, cand)
+            top = c0.argmax(dim=-1, keepdim=True)  # [M, size, 1]
+            base = off + torch.arange(size)[None, :, None] * cand
+            i1 = (base + top).expand(M, size, cand).reshape(M, -1)
+            i2 = (base + torch.arange(cand)[None, None, :]).expand(M, size, cand).reshape(M, -1)
+        rows.append((i1, i2))
+    if not rows:
+        e = torch.zeros(M, 0, dtype=torch.int64)
+        return e, e
+    return torch.cat([r[0] for r in rows], 1), torch.cat([r[1] for r in rows], 1)
+
+
+def _gather(V, i):
+    """V[m, i[m, j]] with a trailing zero slot (index K)."""
+    Vp = torch.cat([V, torch.zeros(V.shape[0], 1, dtype=V.dtype)], dim=1)
+    return Vp.gather(1, i)
+
+
+def _hermite_extremum(z0, z1, m0, m1):
+    """Extremum of the cubic Hermite fit p(0)=z0, p(1)=z1, p'(0)=m0, p'(1)=m1 (m = h·dz/dt) that
+    reaches furthest towards the side opposite to ``ref`` = sign(z0) (sign(m0) where z0 = 0).
+    Returns (τ ∈ (0,1), ref·p(τ), exists)."""
+    a = 2 * (z0 - z1) + m0 + m1
+    b = 3 * (z1 - z0) - 2 * m0 - m1
+    A, B, C = 3 * a, 2 * b, m0  # p'(τ) = Aτ² + Bτ + C
+    disc = B * B - 4 * A * C
+    sq = torch.sqrt(torch.clamp(disc, min=0))
+    one = torch.ones_like(A)
+    lin = -C / torch.where(B == 0, one, B)
+    r1 = torch.where(A == 0, lin, (-B - sq) / (2 * torch.where(A == 0, one, A)))
+    r2 = torch.where(A == 0, lin, (-B + sq) / (2 * torch.where(A == 0, one, A)))
+    ref = torch.where(z0 != 0, torch.sign(z0), torch.sign(m0))
+    tau = torch.full_like(z0, 0.5)
+    low = torch.full_like(z0, float("inf"))
+    exists = torch.zeros_like(z0, dtype=torch.bool)
+    for r in (r1, r2):
+        ok = (disc >= 0) & (r > 0) & (r < 1) & torch.isfinite(r)
+        p = ref * (((a * r + b) * r + m0) * r + z0)
+        better = ok & (p < low)
+        tau = torch.where(better, r, tau)
+        low = torch.where(better, p, low)
+        exists = exists | ok
+    return tau, low, exists
+
+
+def _hermite_root(z0, z1, m0, m1, iters: int = 4):
+    """Root τ of the cubic Hermite fit in a sign-change cell (safeguarded Newton from the secant)."""
+    a = 2 * (z0 - z1) + m0 + m1
+    b = 3 * (z1 - z0) - 2 * m0 - m1
+    tau = z0 / (z0 - z1)
+    for _ in range(iters):
+        p = ((a * tau + b) * tau + m0) * tau + z0
+        dp = (3 * a * tau + 2 * b) * tau + m0
+        nxt = tau - p / torch.where(dp == 0, torch.ones_like(dp), dp)
+        tau = torch.where((dp != 0) & (nxt > 0) & (nxt < 1), nxt, tau)
+    return tau
+
+
+def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tensor,
+               delta_s: torch.Tensor, test_inputs, *, activations=None, grid: int = 4,
+               tol_t: float = 1e-14, max_iter: int = 60, chunk_elems: int = 1 << 24,
+               warn: bool = True) -> Kinks:
+    """Breakpoints t ∈ (0, 1) of t ↦ J(θ_s + tΔ_s) for each test sample (see module docstring).
+
+    Args:
+        model: the model; evaluated functionally with torch.func.functional_call at the trainable
+            parameters θ_s + tΔ_s (``layout`` order) and its own frozen parameters and buffers
+            (cast to θ's dtype). Put it in eval mode (dropout would make the path random).
+        layout: flat parameter layout of θ.
+        theta_s, delta_s: flat [D] tensors, θ_s and Δ_s = θ_{s+1} − θ_s.
+        test_inputs: tensor [M, ...] or tuple of tensors with leading dim M (the model's args).
+        activations: extra piecewise ops: nn.Module instances or classes (kink where an element of
+            the module's first input crosses 0), torch callables (kink at 0 of the first arg),
+            or pairs (module_or_callable, switch) with switch(*args) -> tensor(s) whose sign
+            changes mark the kinks.
+        grid: cells of the shared bracketing grid (grid + 1 batched forward-mode passes).
+        tol_t: absolute tolerance on each breakpoint.
+        chunk_elems: bound on rows × (D + K) floats held by one vmapped polishing chunk.
+        warn: emit a warning naming piecewise ops the rule cannot see.
+    """
+    if grid < 1:
+        raise ValueError(f"grid must be ≥ 1 cell, got {grid}")
+    path = _Path(model, layout, theta_s, delta_s, test_inputs, activations, chunk_elems)
+    if path.unseen and warn:
+        warnings.warn("kink quadrature: the model uses piecewise ops whose breakpoints it cannot "
+                      f"find: {', '.join(path.unseen)}; the quadrature residual will show their "
+                      "error", stacklevel=2)
+    M, K = path.M, path.K
+    dtype = theta_s.dtype
+    found: List[List[torch.Tensor]] = [[] for _ in range(M)]
+    kinks = Kinks(breakpoints=[], num_switches=K, shared_evals=0, row_evals=0,
+                  unseen=list(path.unseen))
+    if K == 0:
+        kinks.breakpoints = [torch.zeros(0, dtype=torch.float64) for _ in range(M)]
+        return kinks
+
+    ts = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
+    Z, DZ = zip(*(path.shared(float(t)) for t in ts))
+    # brackets: (sample, i1, i2, lo, hi, z at lo, z at hi, initial guess)
+    br_s, br_i1, br_i2, br_lo, br_hi, br_zlo, br_zhi, br_t = ([] for _ in range(8))
+    probes = []
+    for j in range(grid):
+        lo, hi = float(ts[j]), float(ts[j + 1])
+        h = hi - lo
+        i1, i2 = _switch_rows(path, Z[j], DZ[j], Z[j + 1], DZ[j + 1], h)
+        z0 = _gather(Z[j], i1) - _gather(Z[j], i2)
+        z1 = _gather(Z[j + 1], i1) - _gather(Z[j + 1], i2)
+        m0 = h * (_gather(DZ[j], i1) - _gather(DZ[j], i2))
+        m1 = h * (_gather(DZ[j + 1], i1) - _gather(DZ[j + 1], i2))
+        cross = (z0 * z1) < 0
+        # an exact zero at an interior grid point with a sign change across it is a breakpoint
+        if j > 0:
+            at_grid = (z0 == 0) & (torch.sign(m0) != 0)
+            for m in torch.nonzero(at_grid.any(1)).flatten().tolist():
+                found[m].append(torch.tensor(lo, dtype=torch.float64))
+        # a dip through zero and back inside the cell (same sign at both ends), or a crossing
+        # right after an exact zero at the cell start: probe the Hermite extremum
+        tau_d, low, has_ext = _hermite_extremum(z0, z1, m0, m1)
+        scale = torch.maximum(z0.abs(), z1.abs())
+        dip = ((z0 * z1 > 0) & has_ext & (low < 0.1 * scale)) | \
+              ((z0 == 0) & (m0 * z1 < 0))
+        tau_r = _hermite_root(z0, z1, m0, m1)
+        sm, k = torch.nonzero(cross, as_tuple=True)
+        br_s.append(sm); br_i1.append(i1[sm, k]); br_i2.append(i2[sm, k])
+        br_lo.append(torch.full((len(sm),), lo, dtype=torch.float64))
+        br_hi.append(torch.full((len(sm),), hi, dtype=torch.float64))
+        br_zlo.append(z0[sm, k]); br_zhi.append(z1[sm, k])
+        br_t.append(lo + h * tau_r[sm, k].to(torch.float64))
+        dm, dk = torch.nonzero(dip, as_tuple=True)
+        if len(dm):
+            probes.append((dm, i1[dm, dk], i2[dm, dk], lo, hi, z0[dm, dk], z1[dm, dk],
+                           lo + h * tau_d[dm, dk].to(torch.float64)))
+
+    # probe flagged dips: a sign change on either side of the probe makes a bracket there
+    for dm, pi1, pi2, lo, hi, z0p, z1p, tp in probes:
+        V, _ = path.rows(dm, tp.to(dtype))
+        zp = (_gather(V, pi1[:, None]) - _gather(V, pi2[:, None]))[:, 0].to(z0p.dtype)
+        for m, t in zip(dm[zp == 0].tolist(), tp[zp == 0].tolist()):
+            found[m].append(torch.tensor(t, dtype=torch.float64))
+        lo_t = torch.full_like(tp, lo)
+        hi_t = torch.full_like(tp, hi)
+        for a_t, b_t, za, zb in ((lo_t, tp, z0p, zp), (tp, hi_t, zp, z1p)):
+            f = torch.nonzero(za * zb < 0).flatten()
+            br_s.append(dm[f]); br_i1.append(pi1[f]); br_i2.append(pi2[f])
+            br_lo.append(a_t[f]); br_hi.append(b_t[f]); br_zlo.append(za[f]); br_zhi.append(zb[f])
+            br_t.append(a_t[f] + (b_t[f] - a_t[f]) * (za[f] / (za[f] - zb[f])).to(torch.float64))
+
+    s = torch.cat(br_s) if br_s else torch.zeros(0, dtype=torch.int64)
+    if len(s):
+        i1, i2 = torch.cat(br_i1), torch.cat(br_i2)
+        lo, hi = torch.cat(br_lo), torch.cat(br_hi)
+        slo = torch.sign(torch.cat(br_zlo))
+        t = torch.cat(br_t).clamp(0, 1)
+        t = torch.where((t > lo) & (t < hi), t, 0.5 * (lo + hi))
+        final, done = _polish(path, s, i1, i2, lo, hi, slo, t, tol_t, max_iter, dtype)
+        kinks.unconverged = int((~done).sum())
+        for m, tv in zip(s.tolist(), final.tolist()):
+            found[m].append(torch.tensor(tv, dtype=torch.float64))
+    kinks.breakpoints = [torch.sort(torch.stack(f))[0] if f else
+                         torch.zeros(0, dtype=torch.float64) for f in found]
+    kinks.shared_evals, kinks.row_evals = path.shared_evals, path.row_evals
+    return kinks
+
+
+def _polish(path, s, i1, i2, lo, hi, slo, t, tol_t, max_iter, dtype):
+    """Safeguarded Newton on z(t) = V[i1] − V[i2] inside [lo, hi] (z has sign slo at lo)."""
+    final = t.clone()
+    done = torch.zeros(len(s), dtype=torch.bool)
+    active = torch.arange(len(s))
+    for _ in range(max_iter):
+        if len(active) == 0:
+            break
+        V, DV = path.rows(s[active], t[active].to(dtype))
+        ia, ib = i1[active, None], i2[active, None]
+        z = (_gather(V, ia) - _gather(V, ib))[:, 0].to(torch.float64)
+        dz = (_gather(DV, ia) - _gather(DV, ib))[:, 0].to(torch.float64)
+        ta = t[active]
+        same = torch.sign(z) == slo[active]
+        lo[active] = torch.where(same & (z != 0), ta, lo[active])
+        hi[active] = torch.where(~same & (z != 0), ta, hi[active])
+        step = z / torch.where(dz == 0, torch.ones_like(dz), dz)
+        newton = ta - step
+        ok = (dz != 0) & (newton > lo[active]) & (newton < hi[active])
+        nxt = torch.where(ok, newton, 0.5 * (lo[active] + hi[active]))
+        # a Newton step below tol_t has converged even if rounding puts it on the bracket's edge
+        tiny = (dz != 0) & (step.abs() <= tol_t)
+        conv = (z == 0) | tiny | ((hi[active] - lo[active]) <= tol_t)
+        final[active] = torch.where(z == 0, ta, torch.where(
+            tiny, torch.minimum(torch.maximum(newton, lo[active]), hi[active]), nxt))
+        done[active] = conv
+        t[active] = nxt
+        active = active[~conv]
+    return final, done
+
+
+# ============================================================================ nodes
+def gauss_legendre(n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """n-point Gauss–Legendre nodes and weights on [0, 1], float64 [n]."""
+    if n < 1:
+        raise ValueError(f"Gauss–Legendre needs n ≥ 1 nodes, got {n}")
+    x, w = np.polynomial.legendre.leggauss(n)
+    return (torch.from_numpy((x + 1) / 2).to(torch.float64),
+            torch.from_numpy(w / 2).to(torch.float64))
+
+
+def _pieces(breaks: torch.Tensor, merge_tol: float) -> torch.Tensor:
+    """Piece boundaries 0 = b_0 < … < b_P = 1 from sorted breakpoints (close ones merged)."""
+    keep = [0.0]
+    for b in breaks.tolist():
+        if b - keep[-1] > merge_tol and 1.0 - b > merge_tol:
+            keep.append(b)
+    keep.append(1.0)
+    return torch.tensor(keep, dtype=torch.float64)
+
+
+def nodes_from_breakpoints(breakpoints: Sequence[torch.Tensor], n: int, *, common: bool = False,
+                           merge_tol: float = 1e-12) -> NodeSet:
+    """Composite Gauss–Legendre rule: n nodes on each piece between consecutive breakpoints.
+
+    Per sample (``common=False``): t, w of shape [M, Q] with Q = n · max pieces; samples with
+    fewer pieces are padded with weight-0 nodes at t = 0.5. ``common=True``: one shared rule [Q]
+    on the union of all samples' breakpoints (exact for every sample, more nodes each).
+    """
+    tq, wq = gauss_legendre(n)
+    if common:
+        allb = torch.sort(torch.cat([b.to(torch.float64) for b in breakpoints]))[0] \
+            if len(breakpoints) else torch.zeros(0, dtype=torch.float64)
+        edges = _pieces(allb, merge_tol)
+        L = edges[1:] - edges[:-1]
+        return NodeSet(t=(edges[:-1, None] + L[:, None] * tq).reshape(-1),
+                       w=(L[:, None] * wq).reshape(-1))
+    rules = []
+    for b in breakpoints:
+        edges = _pieces(b.to(torch.float64), merge_tol)
+        L = edges[1:] - edges[:-1]
+        rules.append(((edges[:-1, None] + L[:, None] * tq).reshape(-1),
+                      (L[:, None] * wq).reshape(-1)))
+    Q = max((len(r[0]) for r in rules), default=n)
+    t = torch.full((len(rules), Q), 0.5, dtype=torch.float64)
+    w = torch.zeros((len(rules), Q), dtype=torch.float64)
+    for m, (tm, wm) in enumerate(rules):
+        t[m, :len(tm)] = tm
+        w[m, :len(wm)] = wm
+    return NodeSet(t=t, w=w)
+
+
+def kink_nodes(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tensor,
+               delta_s: torch.Tensor, test_inputs, n: int, *, activations=None,
+               common: bool = False, **search) -> NodeSet:
+    """Kink-aware quadrature nodes for step s: Gauss–Legendre-n on each smooth piece per sample.
+
+    Returns NodeSet with t, w float64 [M, Q] (per sample, zero-padded; ``common=True``: shared
+    [Q]). Exact to rounding for integrands that are polynomials of degree ≤ 2n−1 on each piece,
+    geometrically convergent for smooth pieces. ``search`` goes to :func:`find_kinks`
+    (grid, tol_t, chunk_elems, warn). Cost and memory: see :func:`find_kinks`.
+    """
+    kinks = find_kinks(model, layout, theta_s, delta_s, test_inputs, activations=activations,
+                       **search)
+    return nodes_from_breakpoints(kinks.breakpoints, n, common=common)
+
+
+def quadrature_residual(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tensor,
+                        delta_s: torch.Tensor, test_inputs, nodes: NodeSet, *,
+                        chunk_elems: int = 1 << 24) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Residual of a rule on the path integral, with forward passes only (DESIGN.md §2).
+
+    residual = f(θ_s + Δ_s)(x) − f(θ_s)(x) − Σ_q w_q J(θ_s + t_q Δ_s)·Δ_s, per sample and output,
+    where J·Δ_s = d/dt f(θ_s + tΔ_s) is one forward-mode pass. ``nodes``: [Q] shared or [M, Q].
+    Returns (residual, change) float tensors [M, *out] in θ's dtype; zero-weight padding nodes
+    are skipped. Peak memory ≈ chunk_elems floats for the per-row parameter vectors.
+    """
+    inputs = tuple(test_inputs) if isinstance(test_inputs, (list, tuple)) else (test_inputs,)
+    M = inputs[0].shape[0]
+    trainable = set(layout.names)
+    fixed = {n: (p.detach().to(theta_s.dtype) if p.is_floating_point() else p.detach())
+             for n, p in list(model.named_parameters()) + list(model.named_buffers())
+             if n not in trainable}
+    delta_s = delta_s.to(theta_s.dtype)
+
+    def f(t, xs):
+        return functional_call(model, {**fixed, **layout.unflatten(theta_s + t * delta_s)}, xs)
+
+    zero = torch.zeros((), dtype=theta_s.dtype)
+    change = f(zero + 1, inputs) - f(zero, inputs)
+    t, w = nodes.t, nodes.w
+    if t.dim() == 1:
+        t, w = t.expand(M, -1), w.expand(M, -1)
+    sample, q = torch.nonzero(w != 0, as_tuple=True)
+
+    def one(tt, *xs):
+        return jvp(lambda t1: f(t1, tuple(x[None] for x in xs))[0], (tt,), (torch.ones_like(tt),))[1]
+
+    step = max(1, chunk_elems // max(1, layout.D))
+    integral = torch.zeros_like(change)
+    for a in range(0, len(sample), step):
+        sm, qq = sample[a:a + step], q[a:a + step]
+        g = vmap(one)(t[sm, qq].to(theta_s.dtype), *(x[sm] for x in inputs))
+        wq = w[sm, qq].to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+        integral.index_add_(0, sm, wq * g)
+    return change - integral, change
