@@ -1,0 +1,128 @@
+"""The two contraction orders of DESIGN.md §3 for one step s.
+
+Forward mode: Σ_q w_q J(θ_s + t_qΔ_s)·v for a batch of tangents v (B_p restricted to group g), one
+batched JVP per node, all test samples at once.   Peak memory ≈ itemsize·T_c·(D + 2·M·A)
+(T_c tangents per chunk, A activations per test sample).
+
+Reverse mode: the test feature map φ_s rows [R_c, D] (R_c = m_c·K rows of m_c test samples) from
+per-sample reverse-mode Jacobians, then the segment contraction out[g, r, p] = Σ_{i∈g} φ[r, i]B[p, i]
+(explaind_fast.ops.path_kernel_reduce when available, else a torch fallback).
+Peak memory ≈ itemsize·m_c·K·(2D + A) plus the contraction's (fallback with many groups: R_c·P·D).
+
+Both accept shared ([Q]) and per-sample ([M, Q]) NodeSets: per-sample θ(t_{m,q}) = θ_s + t_{m,q}Δ_s
+under vmap over samples.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.func import jacrev, jvp, vmap
+
+from .features import FunctionalModel
+from .granularity import ParamGroups
+from .quadrature import NodeSet
+
+_FALLBACK_LOOP_MAX_GROUPS = 64
+
+
+class TestFunction:
+    """h(f(θ, X[idx]), targets[idx]) -> [m, K] for the test set, row-wise in the samples."""
+
+    def __init__(self, fm: FunctionalModel, X: torch.Tensor, targets: Optional[torch.Tensor],
+                 h: Callable):
+        self.fm, self.X, self.targets, self.h = fm, X, targets, h
+
+    def values(self, theta, idx=slice(None)):
+        tg = None if self.targets is None else self.targets[idx]
+        return self.h(self.fm(theta, self.X[idx]), tg)
+
+    def _single(self, theta, x, tg):
+        return self.h(self.fm(theta, x[None]), None if tg is None else tg[None])[0]
+
+
+def _targets_or_dummy(tf: TestFunction, idx):
+    return (tf.targets[idx], 0) if tf.targets is not None else (None, None)
+
+
+def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents: torch.Tensor,
+                     idx=slice(None)) -> torch.Tensor:
+    """Σ_q w_q J(θ(t_q))·v for each tangent v: [T, D] -> [T, m, K] (test samples idx)."""
+    X = tf.X[idx]
+    m = X.shape[0]
+    acc = None
+    for q in range(nodes.num_nodes):
+        if not nodes.per_sample:
+            th = theta_s + float(nodes.t[q]) * delta
+            F = lambda t: tf.values(t, idx)                          # noqa: E731
+            out = vmap(lambda v: jvp(F, (th,), (v,))[1])(tangents)  # [T, m, K]
+            out = float(nodes.w[q]) * out
+        else:
+            t = nodes.t[idx, q].to(theta_s)
+            w = nodes.w[idx, q].to(theta_s)
+            ths = theta_s[None] + t[:, None] * delta[None]            # [m, D]
+            tg, tg_dim = _targets_or_dummy(tf, idx)
+
+            def per_sample(th, x, y):
+                f = lambda tt: tf._single(tt, x, y)                  # noqa: E731
+                return vmap(lambda v: jvp(f, (th,), (v,))[1])(tangents)   # [T, K]
+            out = vmap(per_sample, in_dims=(0, 0, tg_dim))(ths, X, tg)    # [m, T, K]
+            out = (w[:, None, None] * out).transpose(0, 1)
+        acc = out if acc is None else acc + out
+    return acc
+
+
+def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx) -> torch.Tensor:
+    """φ_s rows of test samples idx: Σ_q w_q J(θ(t_q)) as [m, K, D] (per-sample Jacobians)."""
+    X = tf.X[idx]
+    tg, tg_dim = _targets_or_dummy(tf, idx)
+    jac = vmap(jacrev(tf._single), in_dims=(0, 0, tg_dim))
+    phi = None
+    for q in range(nodes.num_nodes):
+        if nodes.per_sample:
+            t, w = nodes.t[idx, q].to(theta_s), nodes.w[idx, q].to(theta_s)
+        else:
+            t = torch.full((X.shape[0],), float(nodes.t[q]), dtype=theta_s.dtype, device=theta_s.device)
+            w = torch.full_like(t, float(nodes.w[q]))
+        ths = theta_s[None] + t[:, None] * delta[None]
+        J = jac(ths, X, tg) * w[:, None, None]                          # [m, K, D]
+        phi = J if phi is None else phi + J
+    return phi
+
+
+def _op():
+    try:
+        from . import ops
+        return getattr(ops, "path_kernel_reduce", None)
+    except Exception:                                                  # op not built / not landed
+        return None
+
+
+def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) -> torch.Tensor:
+    """out[g, r, p] = Σ_{i∈g} phi[r, i]·B[p, i]: phi [R, D], B [P, D] -> [G, R, P].
+
+    Uses explaind_fast.ops.path_kernel_reduce on the permuted layout when it exists and accepts the
+    dtype; otherwise per-group matmuls (few groups) or one index_add over an [R, P, D] product
+    (memory R·P·D) for many groups.
+    """
+    G, R, P = groups.G, phi.shape[0], B.shape[0]
+    perm = groups.perm
+    op = _op()
+    if op is not None:
+        try:
+            Jp = phi if perm is None else phi[:, perm.to(phi.device)]
+            Bp = B if perm is None else B[:, perm.to(B.device)]
+            out = torch.zeros(G, R, P, dtype=phi.dtype, device=phi.device)
+            w = torch.ones(1, dtype=phi.dtype, device=phi.device)
+            op(Jp[None].contiguous(), w, Bp.contiguous(), groups.offsets.to(phi.device), out=out)
+            return out
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            pass                                                       # e.g. dtype not supported
+    if G <= _FALLBACK_LOOP_MAX_GROUPS:
+        Jp = phi if perm is None else phi[:, perm.to(phi.device)]
+        Bp = B if perm is None else B[:, perm.to(B.device)]
+        off = groups.offsets.tolist()
+        return torch.stack([Jp[:, off[g]:off[g + 1]] @ Bp[:, off[g]:off[g + 1]].T for g in range(G)])
+    prod = (phi[:, None, :] * B[None, :, :]).permute(2, 0, 1)          # [D, R, P]
+    out = torch.zeros(G, R, P, dtype=phi.dtype, device=phi.device)
+    return out.index_add_(0, groups.ids.to(phi.device), prod)
