@@ -126,12 +126,18 @@ def hyper_of(opt, kind):
 
 def train_tiny(model: nn.Module, X, Y, *, kind: str = "adamw", steps: int = 5, batch_size: int = 6,
                clip: Optional[float] = 1.0, two_groups: bool = True, seed: int = 1,
-               loss_fn=None) -> MemoryTrajectory:
-    """Train ``model`` in place for ``steps`` updates and return its MemoryTrajectory.
+               loss_fn=None, record: str = "real", checkpoint_every: int = 1):
+    """Train ``model`` in place for ``steps`` updates and return its trajectory.
 
     Mini-batches drawn without replacement per step, mean cross-entropy (weights 1/|B|), a StepLR
-    scheduler (lr × 0.7 every 2 steps), optional global-norm gradient clipping.
+    scheduler (lr × 0.7 every 2 steps), optional global-norm gradient clipping. record="real"
+    records with explaind_fast's TrajectoryRecorder into a temporary directory and returns
+    Trajectory.load of it; record="memory" returns an in-test MemoryTrajectory.
     """
+    if record == "real":
+        return _train_recorded(model, X, Y, kind=kind, steps=steps, batch_size=batch_size,
+                               clip=clip, two_groups=two_groups, seed=seed, loss_fn=loss_fn,
+                               checkpoint_every=checkpoint_every)
     loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="none"))
     opt = make_optimizer(model, kind, two_groups)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
@@ -181,3 +187,28 @@ def tiny_transformer_run(act="gelu", kind="adamw", steps=4, seed=0, **kw):
     Xtr, Ytr, Xte, Yte = token_data(seed=seed)
     traj = train_tiny(model, Xtr, Ytr, kind=kind, steps=steps, **kw)
     return model, traj, (Xtr, Ytr), Xte, Yte, theta0
+
+
+def _train_recorded(model, X, Y, *, kind, steps, batch_size, clip, two_groups, seed, loss_fn,
+                    checkpoint_every):
+    import tempfile
+    from explaind_fast.recorder import TrajectoryRecorder
+    from explaind_fast.trajectory import Trajectory
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    opt = make_optimizer(model, kind, two_groups)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7)
+    g = torch.Generator().manual_seed(seed)
+    n = X.shape[0]
+    directory = tempfile.mkdtemp(prefix="explaind_tiny_")
+    with TrajectoryRecorder(model, opt, directory, checkpoint_every, dataset_size=n,
+                            fsync=False) as rec:
+        for s in range(steps):
+            idx = torch.randperm(n, generator=g)[:batch_size]
+            rec.set_batch(idx)
+            opt.zero_grad()
+            loss_fn(model(X[idx]), Y[idx]).mean().backward()
+            if clip is not None:
+                rec.clip_grad_norm_(clip)
+            opt.step()
+            sched.step()
+    return Trajectory.load(directory)
