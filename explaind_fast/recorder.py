@@ -506,8 +506,8 @@ class TrajectoryRecorder:
 
     # ------------------------------------------------------------------ helpers
     def _flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.layout.flatten([t.detach().to("cpu") for t in tensors],
-                                   dtype=self.dtype).clone()
+        # layout.flatten concatenates into fresh memory: the result never aliases the model
+        return self.layout.flatten([t.detach().to("cpu") for t in tensors], dtype=self.dtype)
 
     def _flat_theta(self) -> torch.Tensor:
         return self._flatten(self._params)

@@ -1,0 +1,151 @@
+"""Recording overhead and bytes on disk per step, on the paper's modular-addition transformer.
+
+Setting (DESIGN.md §6): ModularAdditionTransformer (p = 113, d_model 64, 4 heads of 16, MLP 512,
+D = 97,331), full-batch AdamW over 4000 samples, lr 1e-3, weight decay 4.0, betas (0.98, 0.99).
+Measures, per training step, on the CPU:
+
+* bare:      zero_grad + forward + loss + backward + optimizer.step()
+* recorded:  the same with a TrajectoryRecorder attached (set_batch + hooks + writing the step);
+             with fsync (default, survives power loss) and without (survives a killed process)
+* hooks:     the time spent inside the recorder's own hooks (pre: checks; post: flatten, hash, write)
+
+Bare and recorded steps are interleaved (ABAB…) so that drift on a shared machine hits both alike.
+Reports median and p20/p80 in ms, the overhead relative to the bare step, and bytes on disk per
+stored step (tensor file + log line), against the 2·D·itemsize of θ and v alone.
+
+    PYTHONPATH=. python bench/bench_recording.py --steps 20 --dtype float32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from explaind_fast.demos.data import modular_addition_data
+from explaind_fast.demos.models import ModularAdditionTransformer
+from explaind_fast.recorder import TrajectoryRecorder
+from explaind_fast.trajectory import LOG
+
+
+def quantiles(xs):
+    xs = sorted(xs)
+    q = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
+    return {"median_ms": 1e3 * statistics.median(xs), "p20_ms": 1e3 * q(0.2),
+            "p80_ms": 1e3 * q(0.8)}
+
+
+class Run:
+    """One model + optimizer (+ recorder) taking full-batch steps."""
+
+    def __init__(self, data, dtype, directory=None, fsync=True):
+        torch.manual_seed(0)
+        self.model = ModularAdditionTransformer().to(dtype)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=4.0,
+                                     betas=(0.98, 0.99))
+        self.x, self.y = data.train_x, data.train_y
+        self.idx = torch.arange(len(self.x))
+        self.rec = None
+        self.hook_s = []
+        if directory is not None:
+            self.rec = TrajectoryRecorder(self.model, self.opt, directory,
+                                          dataset_size=len(self.x), fsync=fsync)
+            self._instrument()
+
+    def _instrument(self):
+        rec, times = self.rec, self.hook_s
+        for name in ("_pre_hook", "_post_hook"):
+            inner = getattr(rec, name)
+
+            def timed(*a, _inner=inner):
+                t0 = time.perf_counter()
+                try:
+                    return _inner(*a)
+                finally:
+                    times.append(time.perf_counter() - t0)
+            setattr(rec, name, timed)
+        # the hooks were registered with the bound methods: re-register the timed ones
+        for h in rec._handles:
+            h.remove()
+        rec._handles = [self.opt.register_step_pre_hook(rec._pre_hook),
+                        self.opt.register_step_post_hook(rec._post_hook)]
+
+    def step(self):
+        t0 = time.perf_counter()
+        if self.rec is not None:
+            self.rec.set_batch(self.idx)
+        self.opt.zero_grad()
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    data = modular_addition_data()
+    root = tempfile.mkdtemp(prefix="bench_recording_")
+    runs = {"bare": Run(data, dtype),
+            "recorded_fsync": Run(data, dtype, os.path.join(root, "fsync"), fsync=True),
+            "recorded_nofsync": Run(data, dtype, os.path.join(root, "nofsync"), fsync=False)}
+    times = {k: [] for k in runs}
+    for i in range(args.warmup + args.steps):
+        for name, run in runs.items():
+            t = run.step()
+            if i >= args.warmup:
+                times[name].append(t)
+    for name in ("recorded_fsync", "recorded_nofsync"):
+        runs[name].rec.close()
+
+    D = runs["recorded_fsync"].rec.layout.D
+    d = os.path.join(root, "fsync")
+    step_files = sorted(n for n in os.listdir(d) if n.startswith("step_"))
+    log_bytes = os.path.getsize(os.path.join(d, LOG))
+    per_step = (sum(os.path.getsize(os.path.join(d, n)) for n in step_files) + log_bytes) / len(
+        step_files)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    bare = statistics.median(times["bare"])
+    result = {
+        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "dtype": args.dtype, "D": D, "batch": len(data.train_x), "steps": args.steps,
+        "bare": quantiles(times["bare"]),
+    }
+    for name in ("recorded_fsync", "recorded_nofsync"):
+        run = runs[name]
+        hooks = [a + b for a, b in zip(run.hook_s[0::2], run.hook_s[1::2])][args.warmup:]
+        result[name] = dict(quantiles(times[name]),
+                            overhead_vs_bare=statistics.median(times[name]) / bare - 1,
+                            hooks=quantiles(hooks),
+                            hooks_vs_bare=statistics.median(hooks) / bare)
+    result["bytes_per_step"] = per_step
+    result["bytes_theta_and_v"] = 2 * D * itemsize
+    result["bytes_batch"] = len(data.train_x) * 16
+    print(json.dumps(result, indent=1))
+    r = result
+    print(f"\n| {args.dtype}, D={D}, full batch {r['batch']} | median ms (p20–p80) | vs bare |")
+    print("|---|---|---|")
+    print(f"| bare step | {r['bare']['median_ms']:.1f} ({r['bare']['p20_ms']:.1f}–"
+          f"{r['bare']['p80_ms']:.1f}) | 1 |")
+    for name in ("recorded_fsync", "recorded_nofsync"):
+        x = r[name]
+        print(f"| {name} step | {x['median_ms']:.1f} ({x['p20_ms']:.1f}–{x['p80_ms']:.1f}) | "
+              f"{1 + x['overhead_vs_bare']:.3f} |")
+        print(f"| {name} hooks only | {x['hooks']['median_ms']:.2f} ({x['hooks']['p20_ms']:.2f}–"
+              f"{x['hooks']['p80_ms']:.2f}) | {x['hooks_vs_bare']:.3f} |")
+    print(f"\nbytes on disk per step: {per_step:,.0f} (θ+v: {2 * D * itemsize:,}; batch indices "
+          f"+ weights: {len(data.train_x) * 16:,}; rest: headers and log line)")
+
+
+if __name__ == "__main__":
+    main()
