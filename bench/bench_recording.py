@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from explaind_fast.demos.data import modular_addition_data
 from explaind_fast.demos.models import ModularAdditionTransformer
@@ -130,7 +131,9 @@ def main():
                             hooks_vs_bare=statistics.median(hooks) / bare)
     result["bytes_per_step"] = per_step
     result["bytes_theta_and_v"] = 2 * D * itemsize
-    result["bytes_batch"] = len(data.train_x) * 16
+    with safe_open(os.path.join(d, step_files[-1]), framework="pt") as f:
+        result["bytes_batch"] = sum(f.get_tensor(k).nbytes for k in f.keys()
+                                    if k.startswith("batch_"))
     print(json.dumps(result, indent=1))
     r = result
     print(f"\n| {args.dtype}, D={D}, full batch {r['batch']} | median ms (p20–p80) | vs bare |")
@@ -143,8 +146,8 @@ def main():
               f"{1 + x['overhead_vs_bare']:.3f} |")
         print(f"| {name} hooks only | {x['hooks']['median_ms']:.2f} ({x['hooks']['p20_ms']:.2f}–"
               f"{x['hooks']['p80_ms']:.2f}) | {x['hooks_vs_bare']:.3f} |")
-    print(f"\nbytes on disk per step: {per_step:,.0f} (θ+v: {2 * D * itemsize:,}; batch indices "
-          f"+ weights: {len(data.train_x) * 16:,}; rest: headers and log line)")
+    print(f"\nbytes on disk per step: {per_step:,.0f} (θ+v: {2 * D * itemsize:,}; batch: "
+          f"{result['bytes_batch']:,}; rest: headers and log line)")
 
 
 if __name__ == "__main__":

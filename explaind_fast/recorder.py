@@ -313,11 +313,17 @@ class TrajectoryRecorder:
         st = self._step_state
         store_m = self.store_first_moment or self._needs_first_moment(st["lr"])
         j = len(self._pending)
+        # compact batches: int32 indices when they fit, one exact float for equal weights
+        uniform = bool((w == w[0]).all())
+        tensors = {f"batch_indices.{j}": idx.to(torch.int32) if int(idx.max()) < 2**31 else idx}
+        if not uniform:
+            tensors[f"batch_weights.{j}"] = w
         self._pending.append({
             "raw": {"index": self._next_raw, "step_count": step_count, "lr": st["lr"],
                     "weight_decay": st["weight_decay"], "clip_factor": self._clip,
-                    "batch_size": int(idx.numel())},
-            "tensors": {f"batch_indices.{j}": idx, f"batch_weights.{j}": w},
+                    "batch_size": int(idx.numel()),
+                    "uniform_weight": float(w[0]) if uniform else None},
+            "tensors": tensors,
             "store_m": store_m,
             # momentum-free SGD groups keep no buffer: compute torch's direction g + λθ_s now,
             # while θ_s (self._last_theta) and the gradient are at hand
@@ -366,7 +372,7 @@ class TrajectoryRecorder:
             wd = st["weight_decay"][gi]
             d = p.grad.detach().clone()
             if wd != 0:
-                d = d.add(theta_s.to(d.dtype), alpha=wd)
+                d = d.add(theta_s.to(d.device, d.dtype), alpha=wd)
             out.append(d)
         return out
 
@@ -420,7 +426,7 @@ class TrajectoryRecorder:
     def _check_unchanged(self):
         off = self.layout.offsets
         for i, (name, p) in enumerate(zip(self._names, self._params)):
-            if not torch.equal(p.detach().reshape(-1).to(self.dtype),
+            if not torch.equal(p.detach().reshape(-1).to("cpu", self.dtype),
                                self._last_theta[off[i]:off[i + 1]]):
                 raise RuntimeError(
                     f"parameter '{name}' changed outside optimizer.step() since the last "

@@ -17,8 +17,10 @@ A trajectory is a directory::
                              ``exp_avg_sq`` = v_{s+1} (Adam-type), ``exp_avg`` = the optimizer's
                              first moment after the update (torch's exp_avg; for SGD the momentum
                              buffer, which includes the coupled weight decay) when stored, and
-                             ``batch_indices.{j}`` (int64) / ``batch_weights.{j}`` (float64) of the
-                             j-th raw step of the update.
+                             ``batch_indices.{j}`` (int32 when every index fits, else int64) and
+                             ``batch_weights.{j}`` (float64; omitted when all weights are equal,
+                             the log then holds the value as ``uniform_weight``, exactly) of the
+                             j-th raw step of the update. Read back as int64 / float64.
 
 Why safetensors (and not .npy): one file per stored update holds all its tensors, so publishing a
 step is a single atomic rename; ``safe_open`` memory-maps the file and materialises only the tensor
@@ -367,10 +369,17 @@ class Trajectory:
         t = self._read(s, keys)
         return [StepRecord(index=r["index"], step_count=r["step_count"], lr=list(r["lr"]),
                            weight_decay=list(r["weight_decay"]),
-                           batch_indices=t.get(f"batch_indices.{j}"),
-                           batch_weights=t.get(f"batch_weights.{j}"),
-                           clip_factor=float(r["clip_factor"]))
+                           clip_factor=float(r["clip_factor"]), **self._batch(t, r, j))
                 for j, r in enumerate(raw)]
+
+    @staticmethod
+    def _batch(t: Dict[str, torch.Tensor], r: dict, j: int) -> Dict[str, torch.Tensor]:
+        idx = t[f"batch_indices.{j}"].to(torch.int64)
+        if r.get("uniform_weight") is not None:
+            w = torch.full((idx.numel(),), float(r["uniform_weight"]), dtype=torch.float64)
+        else:
+            w = t[f"batch_weights.{j}"]
+        return {"batch_indices": idx, "batch_weights": w}
 
     def step(self, s: int) -> StepRecord:
         """StepRecord of stored update s (θ_s → θ_{s+1}); see the class docstring."""
@@ -382,12 +391,11 @@ class Trajectory:
         if single:
             keys += ["batch_indices.0", "batch_weights.0"]
         t = self._read(s, keys)
+        batch = self._batch(t, last, 0) if single else {}
         return StepRecord(index=s, step_count=last["step_count"], lr=list(last["lr"]),
                           weight_decay=list(last["weight_decay"]),
-                          batch_indices=t.get("batch_indices.0"),
-                          batch_weights=t.get("batch_weights.0"),
                           clip_factor=float(last["clip_factor"]) if single else 1.0,
-                          exp_avg_sq=t.get("exp_avg_sq"), exp_avg=t.get("exp_avg"))
+                          exp_avg_sq=t.get("exp_avg_sq"), exp_avg=t.get("exp_avg"), **batch)
 
     # ------------------------------------------------------------------ replay
     def verify(self, model: Optional[torch.nn.Module] = None) -> VerifyReport:
