@@ -72,21 +72,34 @@ def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents:
     return acc
 
 
-def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx) -> torch.Tensor:
-    """φ_s rows of test samples idx: Σ_q w_q J(θ(t_q)) as [m, K, D] (per-sample Jacobians)."""
+def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs: int = 64
+                ) -> torch.Tensor:
+    """φ_s rows of test samples idx: Σ_q w_q J(θ(t_q)) as [m, K, D] (per-sample Jacobians).
+
+    The (sample, node) pairs are evaluated max_pairs at a time in one vmap(jacrev) call
+    (memory ≈ max_pairs·K·(D + A) numbers)."""
     X = tf.X[idx]
-    tg, tg_dim = _targets_or_dummy(tf, idx)
-    jac = vmap(jacrev(tf._single), in_dims=(0, 0, tg_dim))
+    m = X.shape[0]
+    if nodes.per_sample:
+        t, w = nodes.t[idx], nodes.w[idx]                              # [m, Q]
+    else:
+        t, w = nodes.t[None].expand(m, -1), nodes.w[None].expand(m, -1)
+    keep = w != 0                                                      # skip zero-weight padding
+    sample = torch.arange(m)[:, None].expand_as(t)[keep]
+    t, w = t[keep].to(theta_s), w[keep].to(theta_s)
+    tg = None if tf.targets is None else tf.targets[idx]
+    jac = vmap(jacrev(tf._single), in_dims=(0, 0, None if tg is None else 0))
     phi = None
-    for q in range(nodes.num_nodes):
-        if nodes.per_sample:
-            t, w = nodes.t[idx, q].to(theta_s), nodes.w[idx, q].to(theta_s)
-        else:
-            t = torch.full((X.shape[0],), float(nodes.t[q]), dtype=theta_s.dtype, device=theta_s.device)
-            w = torch.full_like(t, float(nodes.w[q]))
-        ths = theta_s[None] + t[:, None] * delta[None]
-        J = jac(ths, X, tg) * w[:, None, None]                          # [m, K, D]
-        phi = J if phi is None else phi + J
+    for a in range(0, len(sample), max(1, max_pairs)):
+        sl = slice(a, a + max(1, max_pairs))
+        si = sample[sl]
+        ths = theta_s[None] + t[sl, None] * delta[None]
+        J = jac(ths, X[si.to(X.device)], None if tg is None else tg[si.to(tg.device)])
+        J = J * w[sl, None, None]                                      # [c, K, D]
+        # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
+        onehot = (torch.arange(m)[:, None] == si[None, :]).to(device=J.device, dtype=J.dtype)
+        part = (onehot @ J.reshape(J.shape[0], -1)).reshape((m,) + J.shape[1:])
+        phi = part if phi is None else phi + part
     return phi
 
 

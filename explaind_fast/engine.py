@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
+from torch.func import jvp, vmap
 
 from .contraction import TestFunction, forward_contract, reverse_phi, segment_contract, \
     _op, _FALLBACK_LOOP_MAX_GROUPS
@@ -69,7 +70,7 @@ def _activation_count(model, call):
 def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
               output="logits", params="all", data="all", steps="all",
               quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
-              device=None, progress=True, credit="auto", max_intervals=30) -> Attribution:
+              device=None, progress=True, credit="auto", max_intervals=64) -> Attribution:
     """ExPLAIND contributions of a recorded training run, summed to the requested granularity.
 
     Args:
@@ -240,7 +241,8 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
                 out, jd = _forward_step(ctx, th, delta, nodes, B, plan.tangent_chunk)
                 ev_jvp[s] += nodes.num_nodes * (G * (P + 1) + 1)
             else:
-                out, jd = _reverse_step(ctx, th, delta, nodes, B, plan.sample_chunk)
+                out, jd = _reverse_step(ctx, th, delta, nodes, B, plan.sample_chunk,
+                                         plan.pair_chunk)
                 ev_jvp[s] += nodes.num_nodes * M * K
             kernel[win_of[s]] -= out[:, :P]
             reg[win_of[s]] -= out[:, P]
@@ -249,7 +251,8 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
             change[s] = float((F1 - F0).abs().max())
             bar.update(1)
     else:
-        _backward_recursion(ctx, kernel, reg, residual, change, win_of, plan.sample_chunk, F_at, bar)
+        _backward_recursion(ctx, kernel, reg, residual, change, win_of, plan.sample_chunk,
+                            plan.pair_chunk, F_at, bar)
     bar.close()
 
     final = F_at(N)
@@ -322,17 +325,14 @@ def _nodes_for(ctx, s, th, delta, F_at) -> NodeSet:
 
     def Gd(ts):
         F1 = lambda tt: tf.values(tt)                                  # noqa: E731
-        return torch.stack([jvp_single(F1, th + float(t) * delta, delta) for t in ts])
+        ths = th[None] + ts.to(th)[:, None] * delta[None]
+        return vmap(lambda x: jvp(F1, (x,), (delta,))[1])(ths)         # [Q, M, K]
     ns, info = adaptive_nodes(F, Gd, q.tol, n=q.n, max_intervals=ctx["max_intervals"],
                               F0=F_at(s), F1=F_at(s + 1))
     ev_jvp[s] += info.jvp_nodes
     ev_fwd[s] += info.forward_passes
     ev_cap[s] = info.cap_hit
     return ns
-
-
-def jvp_single(F, th, v):
-    return torch.func.jvp(F, (th,), (v,))[1]
 
 
 def _forward_step(ctx, th, delta, nodes, B, chunk):
@@ -352,14 +352,14 @@ def _forward_step(ctx, th, delta, nodes, B, chunk):
     return out[:-1].reshape(G, P1, *out.shape[1:]), out[-1]
 
 
-def _reverse_step(ctx, th, delta, nodes, B, chunk):
+def _reverse_step(ctx, th, delta, nodes, B, chunk, pairs):
     groups, tf, M, K = ctx["groups"], ctx["tf"], ctx["M"], ctx["K"]
     G, P1 = groups.G, B.shape[0]
     out = torch.zeros(G, P1, M, K, dtype=th.dtype, device=th.device)
     jd = torch.zeros(M, K, dtype=th.dtype, device=th.device)
     for a in range(0, M, chunk):
         idx = slice(a, min(M, a + chunk))
-        phi = reverse_phi(tf, th, delta, nodes, idx)                   # [m, K, D]
+        phi = reverse_phi(tf, th, delta, nodes, idx, pairs)            # [m, K, D]
         m = phi.shape[0]
         rows = phi.reshape(m * K, -1)
         o = segment_contract(rows, B, groups)                          # [G, m*K, P1]
@@ -368,7 +368,7 @@ def _reverse_step(ctx, th, delta, nodes, B, chunk):
     return out, jd
 
 
-def _backward_recursion(ctx, kernel, reg, residual, change, win_of, chunk, F_at, bar):
+def _backward_recursion(ctx, kernel, reg, residual, change, win_of, chunk, pairs, F_at, bar):
     """Gradient-step credit: H_i = scale_i⊙φ_i + decay_{i+1}⊙H_{i+1} per test row; the
     contribution of partition p at gradient step i is −gain_i⊙G_i[p]·H_i (and the reg term
     −reg_gain_i⊙θ_i·Hreg_i). State: 2 [m_c·K, D] per row chunk; the train-side gradients are
@@ -390,7 +390,7 @@ def _backward_recursion(ctx, kernel, reg, residual, change, win_of, chunk, F_at,
                 "_nodes", {})[s]
             ctx.setdefault("_nodes", {})[s] = nodes
             ev_nodes[s] = nodes.num_nodes
-            phi = reverse_phi(tf, th, delta, nodes, idx)
+            phi = reverse_phi(tf, th, delta, nodes, idx, pairs)
             m = phi.shape[0]
             ev_jvp[s] += nodes.num_nodes * m * K
             rows = phi.reshape(m * K, -1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict, field
 
 DEFAULT_BUDGET = 2 * 1024 ** 3
+MAX_PAIRS = 1024
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Plan:
     memory_budget: int
     tangent_chunk: int
     sample_chunk: int
+    pair_chunk: int
     estimates: dict = field(default_factory=dict)
 
     def to_dict(self):
@@ -46,10 +48,12 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
                                  + 2 * D * int(credit == "gradient"))
     t_chunk = max(1, min(T, (budget - base) // max(per_tangent, 1)))
     m_chunk = max(1, min(M, (budget - base) // max(per_sample, 1)))
+    # (test sample, quadrature node) pairs per vmap(jacrev) call: ≈ K·(D + A) numbers each
+    pair_chunk = max(1, min(MAX_PAIRS, (budget - base) // max(itemsize * K * (D + A), 1)))
     est = {"forward": {"cost": fwd_cost, "peak_bytes": base + per_tangent * min(T, t_chunk)},
            "reverse": {"cost": rev_cost, "peak_bytes": base + per_sample * m_chunk},
            "tangents": T, "activations_per_sample": A}
     if mode == "auto":
         mode = "reverse" if (credit == "gradient" or rev_cost < fwd_cost) else "forward"
     return Plan(mode=mode, credit=credit, memory_budget=budget, tangent_chunk=int(t_chunk),
-                sample_chunk=int(m_chunk), estimates=est)
+                sample_chunk=int(m_chunk), pair_chunk=int(pair_chunk), estimates=est)
