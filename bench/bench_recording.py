@@ -71,11 +71,13 @@ class Run:
                 finally:
                     times.append(time.perf_counter() - t0)
             setattr(rec, name, timed)
-        # the hooks were registered with the bound methods: re-register the timed ones
-        for h in rec._handles:
+        # the step hooks (the first two handles) were registered with the bound methods:
+        # re-register the timed ones (the per-parameter gradient-norm hooks stay: their cost shows
+        # in the recorded step time, not in 'hooks')
+        for h in rec._handles[:2]:
             h.remove()
-        rec._handles = [self.opt.register_step_pre_hook(rec._pre_hook),
-                        self.opt.register_step_post_hook(rec._post_hook)]
+        rec._handles[:2] = [self.opt.register_step_pre_hook(rec._pre_hook),
+                            self.opt.register_step_post_hook(rec._post_hook)]
 
     def step(self):
         t0 = time.perf_counter()

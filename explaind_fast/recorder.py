@@ -33,11 +33,14 @@ Refused with an error saying why: other optimizer classes, amsgrad, maximize, ne
 param groups added or changing membership, parameters frozen or unfrozen mid-run, a trainable
 parameter with no gradient at a step (torch would skip it), a step without ``set_batch``, parameters
 modified outside ``optimizer.step()`` between steps, an optimizer that already holds state (the
-recorded run must start from zero moments). Clipping with ``torch.nn.utils.clip_grad_norm_``
-directly is NOT seen by the recorder: the stored weights would then be wrong (verify() of an AdamW
-run reports the inconsistency, an SGD run cannot tell); use ``recorder.clip_grad_norm_``.
+recorded run must start from zero moments), and (``check_gradients=True``, the default) gradients
+changed between backward() and optimizer.step() outside the recorder. So clipping with
+``torch.nn.utils.clip_grad_norm_`` directly — which the recorder cannot see, and which would make
+the stored sample weights wrong — is caught: use ``recorder.clip_grad_norm_``.
 ``recorder.clip_grad_value_`` raises (leaving the gradients untouched) when it would clamp any
 coordinate: clamping is not a per-step scale, so the step would not decompose exactly.
+Gradient accumulation over several backward() calls is fine (declare the union batch and its
+weights in ``set_batch``). Not supported: torch.amp.GradScaler (its unscale_ edits gradients).
 
 Subsampled checkpoints (checkpoint_every = k > 1, the LLM setting, paper Remark F.3): θ, v and the
 first moment m are stored after every k-th raw step only (and after the last step, at ``close()``);
@@ -141,11 +144,17 @@ class TrajectoryRecorder:
             stored update (always on when k > 1).
         resume: continue a trajectory already in ``directory`` (see module docstring).
         fsync: fsync every file and the log (survives power loss, not only a killed process).
+        check_gradients: at every step, compare each parameter's gradient norm with its norm
+            when backward() produced it (times the recorded clip factor) and refuse the step if
+            they differ: catches torch.nn.utils.clip_grad_norm_ / clip_grad_value_ called
+            directly, gradients edited or assigned by hand, and GradScaler.unscale_ (not
+            supported). Costs one norm per parameter per backward.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str,
                  checkpoint_every: int = 1, *, dataset_size: Optional[int] = None,
-                 store_first_moment: bool = False, resume: bool = False, fsync: bool = True):
+                 store_first_moment: bool = False, resume: bool = False, fsync: bool = True,
+                 check_gradients: bool = True):
         if int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
         if dataset_size is not None and (int(dataset_size) != dataset_size or dataset_size < 1):
@@ -195,6 +204,11 @@ class TrajectoryRecorder:
             self._num_stored, self._next_raw, self._sgd_count = 0, 0, 0
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
                          optimizer.register_step_post_hook(self._post_hook)]
+        self.check_gradients = bool(check_gradients)
+        self._grad_norms: Dict[int, torch.Tensor] = {}   # norm of each grad as backward left it
+        if self.check_gradients:
+            self._handles += [p.register_post_accumulate_grad_hook(self._grad_hook(i))
+                              for i, p in enumerate(self._params)]
 
     # ------------------------------------------------------------------ user API
     @property
@@ -285,7 +299,9 @@ class TrajectoryRecorder:
                                "the trajectory must know which samples formed the batch")
         self._check_settings_unchanged()
         self._check_unchanged()
-        self._grads("optimizer.step()")
+        grads = self._grads("optimizer.step()")
+        if self.check_gradients:
+            self._check_gradients_untouched(grads)
         self._step_state = {
             "lr": [float(g["lr"]) for g in optimizer.param_groups],
             "weight_decay": [float(g["weight_decay"]) for g in optimizer.param_groups]}
@@ -331,6 +347,7 @@ class TrajectoryRecorder:
         self._next_raw += 1
         self._last_theta = theta
         self._batch, self._clip, self._step_state = None, 1.0, None
+        self._grad_norms = {}
         if len(self._pending) == self.checkpoint_every:
             self._flush()
 
@@ -394,6 +411,33 @@ class TrajectoryRecorder:
                     "zero_grad(set_to_none=False), or freeze it for the whole run")
             grads.append(p.grad)
         return grads
+
+    def _grad_hook(self, i):
+        def hook(p):
+            self._grad_norms[i] = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+        return hook
+
+    def _check_gradients_untouched(self, grads):
+        for i, (name, g) in enumerate(zip(self._names, grads)):
+            if i not in self._grad_norms:
+                raise RuntimeError(
+                    f"the gradient of '{name}' was not produced by backward() since the last step "
+                    "(assigned by hand, or left over); the recorded batch would not explain it")
+        now = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64)
+                           for g in grads]).cpu()
+        expected = torch.stack([self._grad_norms[i] for i in range(len(grads))]).cpu() * self._clip
+        # scaling every element by the clip factor changes a norm by at most ~eps relatively
+        rtol = torch.tensor([16 * torch.finfo(g.dtype).eps for g in grads], dtype=torch.float64)
+        bad = ((now - expected).abs() > rtol * expected) | ~torch.isfinite(now)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise RuntimeError(
+                f"the gradient of '{self._names[i]}' changed between backward() and "
+                f"optimizer.step() outside the recorder (norm {float(expected[i]):.6g} -> "
+                f"{float(now[i]):.6g}): torch.nn.utils.clip_grad_norm_ / clip_grad_value_ called "
+                "directly, or gradients edited, are not seen by the recorder and would make the "
+                "stored sample weights wrong. Use recorder.clip_grad_norm_, or pass "
+                "check_gradients=False if the change is accounted for in set_batch's weights")
 
     def _group_membership(self):
         pos = {id(p): i for i, p in enumerate(self._params)}

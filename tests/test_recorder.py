@@ -328,6 +328,55 @@ def test_clip_grad_norm_matches_torch(tmp_path):
         0.1 / (float(norm) + 1e-6), rel=1e-15)
 
 
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3), "changed between backward"),
+    (lambda m: torch.nn.utils.clip_grad_value_(m.parameters(), 1e-3), "changed between backward"),
+    (lambda m: m.fc1.bias.grad.mul_(0.5), "'fc1.bias' changed between backward"),
+    (lambda m: setattr(m.fc2.bias, "grad", torch.ones_like(m.fc2.bias)),
+     "'fc2.bias' changed between backward"),
+])
+def test_gradients_changed_outside_the_recorder_refused(tmp_path, edit, needle):
+    model, opt = _setup(tmp_path)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "t")
+    X, Y = data(F64)
+    rec.set_batch([0, 1])
+    opt.zero_grad()
+    F.cross_entropy(model(X[:2]), Y[:2]).backward()
+    edit(model)
+    with pytest.raises(RuntimeError, match=needle):
+        opt.step()
+    assert Trajectory.load(tmp_path / "t").num_steps == 0
+
+
+def test_gradients_not_from_backward_refused(tmp_path):
+    model, opt = _setup(tmp_path)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "t")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    rec.set_batch([0])
+    with pytest.raises(RuntimeError, match="'embed.weight' was not produced by backward"):
+        opt.step()
+
+
+def test_gradient_accumulation(tmp_path):
+    """Two backward() calls per step (micro-batches), norm clipping after both, a sum loss."""
+    model, opt = _setup(tmp_path)
+    X, Y = data(F64)
+    with TrajectoryRecorder(model, opt, tmp_path / "t", dataset_size=N_SAMPLES) as rec:
+        for s in range(3):
+            idx = torch.arange(8 * s, 8 * s + 8)
+            rec.set_batch(idx, weights=torch.full((8,), 0.5))   # 0.5 × (sum over 2 halves)
+            opt.zero_grad()
+            for half in (idx[:4], idx[4:]):
+                (0.5 * F.cross_entropy(model(X[half]), Y[half], reduction="sum")).backward()
+            rec.clip_grad_norm_(0.5)
+            opt.step()
+    traj = Trajectory.load(tmp_path / "t")
+    assert traj.step(0).clip_factor < 1.0
+    errors, steps, _ = step_identity_errors(traj, model, X, Y)
+    assert max(e / s for e, s in zip(errors, steps)) <= IDENTITY_TOL[F64]
+
+
 def test_indexed_loader_yields_indices():
     X, Y = data(F64)
     ds = IndexedDataset((X, Y))
