@@ -32,7 +32,7 @@ from safetensors import safe_open
 from explaind_fast.demos.data import modular_addition_data
 from explaind_fast.demos.models import ModularAdditionTransformer
 from explaind_fast.recorder import TrajectoryRecorder
-from explaind_fast.trajectory import LOG
+from explaind_fast.trajectory import LOG, Trajectory
 
 
 def quantiles(xs):
@@ -90,12 +90,13 @@ class Run:
         return time.perf_counter() - t0, time.process_time() - c0
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    args = ap.parse_args()
+    ap.add_argument("--verify", action="store_true", help="also replay the recorded trajectory")
+    args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     data = modular_addition_data()
     root = tempfile.mkdtemp(prefix="bench_recording_")
@@ -132,6 +133,15 @@ def main():
             pairs = list(zip(run.hook_s[0::2], run.hook_s[1::2]))[args.warmup:]
             result[name]["hooks_wall"] = quantiles([a[0] + b[0] for a, b in pairs])
             result[name]["hooks_cpu"] = quantiles([a[1] + b[1] for a, b in pairs])
+    # recording must not perturb training: the recorded runs end where the bare run ends
+    bare_params = list(runs["bare"].model.parameters())
+    result["recorded_equals_bare"] = all(
+        all(torch.equal(a, b) for a, b in zip(bare_params, runs[n].model.parameters()))
+        for n in ("recorded_fsync", "recorded_nofsync"))
+    if args.verify:
+        report = Trajectory.load(d).verify(runs["recorded_fsync"].model)
+        result["verify_max_theta_error"] = report.max_theta_error
+        result["verify_max_moment_error"] = report.max_moment_error
     result["bytes_per_step"] = per_step
     result["bytes_theta_and_v"] = 2 * D * itemsize
     with safe_open(os.path.join(d, step_files[-1]), framework="pt") as f:
@@ -155,6 +165,7 @@ def main():
               f"{x['hooks_cpu']['median_ms'] / bare_c:.3f} |")
     print(f"\nbytes on disk per step: {per_step:,.0f} (θ+v: {2 * D * itemsize:,}; batch: "
           f"{result['bytes_batch']:,}; rest: headers and log line)")
+    return result
 
 if __name__ == "__main__":
     main()
