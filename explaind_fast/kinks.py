@@ -53,17 +53,10 @@ from torch.overrides import TorchFunctionMode
 
 from .layout import ParamLayout
 
-try:  # the engine's node container; a local stand-in keeps this module usable on its own
-    from .quadrature import NodeSet
-except ImportError:  # pragma: no cover - removed once quadrature.py lands
-    @dataclass
-    class NodeSet:
-        """Quadrature nodes on [0, 1]: t, w float64 of shape [Q] (shared) or [M, Q] (per sample)."""
-        t: torch.Tensor
-        w: torch.Tensor
+from .quadrature import NodeSet, gauss_legendre
 
-__all__ = ["kink_nodes", "find_kinks", "nodes_from_breakpoints", "Kinks", "SWITCHES",
-           "UNSUPPORTED", "gauss_legendre"]
+__all__ = ["kink_nodes", "find_kinks", "nodes_from_breakpoints", "quadrature_residual", "Kinks",
+           "SWITCHES", "UNSUPPORTED"]
 
 
 # ============================================================================ switching functions
@@ -491,12 +484,20 @@ class Kinks:
         return torch.tensor([len(b) + 1 for b in self.breakpoints], dtype=torch.int64)
 
 
-def _switch_rows(path: _Path, z0, d0, z1, d1, h):
-    """Switching functions of one grid cell as rows (sample, i1, i2): z = V[i1] − V[i2].
+#: max-type ops with at most this many candidates per window use all candidate pairs as switching
+#: functions (a superset of the argmax changes, filtered at the root); larger ones use
+#: differences to the argmax at the cell start (may miss a maximum that changes hands twice).
+PAIRWISE_MAX_CANDIDATES = 16
 
-    Returns (sample, i1, i2, value at cell start, value at cell end, d/dt at start, d/dt at end)
-    with i2 = K (a zero slot) for sign switches. Max candidates become differences to the
-    argmax at the cell start, so every switch is ≥ 0 at the start of the cell for them.
+
+def _switch_rows(path: _Path, z0, z1):
+    """Switching functions of one grid cell [lo, hi] as index rows: z = V[i1] − V[i2] (V[K] = 0).
+
+    Returns [M, R] int64 tensors (i1, i2, window start, window size) and a bool mask of the rows
+    worth searching; window size 0 for sign switches. For a max, (window start, size) locate its
+    candidates in V, so that a root is kept only where one of the pair is the window's maximum (a
+    real change of the argmax). A window whose argmax is the same at lo and hi only needs the
+    pairs with that argmax (it can only change hands and back through a dip of one of them).
     """
     M, K = z0.shape
     rows = []
@@ -507,17 +508,29 @@ def _switch_rows(path: _Path, z0, d0, z1, d1, h):
         if kind == "sign":
             i1 = off + torch.arange(size).expand(M, size)
             i2 = torch.full_like(i1, K)
+            wb, ws = torch.full_like(i1, -1), torch.zeros_like(i1)
+            keep = torch.ones_like(i1, dtype=torch.bool)
         else:
-            c0 = z0[:, off:off + size * cand].reshape(M, size, cand)
-            top = c0.argmax(dim=-1, keepdim=True)  # [M, size, 1]
-            base = off + torch.arange(size)[None, :, None] * cand
-            i1 = (base + top).expand(M, size, cand).reshape(M, -1)
-            i2 = (base + torch.arange(cand)[None, None, :]).expand(M, size, cand).reshape(M, -1)
-        rows.append((i1, i2))
+            a0 = z0[:, off:off + size * cand].reshape(M, size, cand).argmax(-1, keepdim=True)
+            a1 = z1[:, off:off + size * cand].reshape(M, size, cand).argmax(-1, keepdim=True)
+            base = off + torch.arange(size)[None, :, None] * cand  # [1, size, 1]
+            if cand <= PAIRWISE_MAX_CANDIDATES:
+                pi, pj = torch.triu_indices(cand, cand, offset=1)
+                i1 = (base + pi).expand(M, size, len(pi)).reshape(M, -1)
+                i2 = (base + pj).expand(M, size, len(pj)).reshape(M, -1)
+                wb = base.expand(M, size, len(pi)).reshape(M, -1)
+                keep = ((a0 != a1) | (pi == a0) | (pj == a0)).reshape(M, -1)
+            else:
+                i1 = (base + a0).expand(M, size, cand).reshape(M, -1)
+                i2 = (base + torch.arange(cand)).expand(M, size, cand).reshape(M, -1)
+                wb = base.expand(M, size, cand).reshape(M, -1)
+                keep = torch.ones_like(i1, dtype=torch.bool)
+            ws = torch.full_like(wb, cand)
+        rows.append((i1, i2, wb, ws, keep))
     if not rows:
         e = torch.zeros(M, 0, dtype=torch.int64)
-        return e, e
-    return torch.cat([r[0] for r in rows], 1), torch.cat([r[1] for r in rows], 1)
+        return e, e, e, e, e.bool()
+    return tuple(torch.cat([r[k] for r in rows], 1) for k in range(5))
 
 
 def _gather(V, i):
@@ -606,43 +619,45 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
 
     ts = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
     Z, DZ = zip(*(path.shared(float(t)) for t in ts))
-    # brackets: (sample, i1, i2, lo, hi, z at lo, z at hi, initial guess)
-    br_s, br_i1, br_i2, br_lo, br_hi, br_zlo, br_zhi, br_t = ([] for _ in range(8))
+    # brackets: (sample, i1, i2, window start, window size, lo, hi, z at lo, z at hi, guess)
+    br_s, br_i1, br_i2, br_wb, br_ws, br_lo, br_hi, br_zlo, br_zhi, br_t = ([] for _ in range(10))
     probes = []
     for j in range(grid):
         lo, hi = float(ts[j]), float(ts[j + 1])
         h = hi - lo
-        i1, i2 = _switch_rows(path, Z[j], DZ[j], Z[j + 1], DZ[j + 1], h)
+        i1, i2, wb, ws, keep = _switch_rows(path, Z[j], Z[j + 1])
         z0 = _gather(Z[j], i1) - _gather(Z[j], i2)
         z1 = _gather(Z[j + 1], i1) - _gather(Z[j + 1], i2)
         m0 = h * (_gather(DZ[j], i1) - _gather(DZ[j], i2))
         m1 = h * (_gather(DZ[j + 1], i1) - _gather(DZ[j + 1], i2))
-        cross = (z0 * z1) < 0
+        cross = ((z0 * z1) < 0) & keep
         # an exact zero at an interior grid point with a sign change across it is a breakpoint
         if j > 0:
-            at_grid = (z0 == 0) & (torch.sign(m0) != 0)
+            at_grid = keep & (z0 == 0) & (torch.sign(m0) != 0)
             for m in torch.nonzero(at_grid.any(1)).flatten().tolist():
                 found[m].append(torch.tensor(lo, dtype=torch.float64))
         # a dip through zero and back inside the cell (same sign at both ends), or a crossing
         # right after an exact zero at the cell start: probe the Hermite extremum
         tau_d, low, has_ext = _hermite_extremum(z0, z1, m0, m1)
         scale = torch.maximum(z0.abs(), z1.abs())
-        dip = ((z0 * z1 > 0) & has_ext & (low < 0.1 * scale)) | \
-              ((z0 == 0) & (m0 * z1 < 0))
+        dip = keep & (((z0 * z1 > 0) & has_ext & (low < 0.1 * scale)) |
+                      ((z0 == 0) & (m0 * z1 < 0)))
         tau_r = _hermite_root(z0, z1, m0, m1)
         sm, k = torch.nonzero(cross, as_tuple=True)
         br_s.append(sm); br_i1.append(i1[sm, k]); br_i2.append(i2[sm, k])
+        br_wb.append(wb[sm, k]); br_ws.append(ws[sm, k])
         br_lo.append(torch.full((len(sm),), lo, dtype=torch.float64))
         br_hi.append(torch.full((len(sm),), hi, dtype=torch.float64))
         br_zlo.append(z0[sm, k]); br_zhi.append(z1[sm, k])
         br_t.append(lo + h * tau_r[sm, k].to(torch.float64))
         dm, dk = torch.nonzero(dip, as_tuple=True)
         if len(dm):
-            probes.append((dm, i1[dm, dk], i2[dm, dk], lo, hi, z0[dm, dk], z1[dm, dk],
+            probes.append((dm, i1[dm, dk], i2[dm, dk], wb[dm, dk], ws[dm, dk], lo, hi,
+                           z0[dm, dk], z1[dm, dk],
                            lo + h * tau_d[dm, dk].to(torch.float64)))
 
     # probe flagged dips: a sign change on either side of the probe makes a bracket there
-    for dm, pi1, pi2, lo, hi, z0p, z1p, tp in probes:
+    for dm, pi1, pi2, pwb, pws, lo, hi, z0p, z1p, tp in probes:
         V, _ = path.rows(dm, tp.to(dtype))
         zp = (_gather(V, pi1[:, None]) - _gather(V, pi2[:, None]))[:, 0].to(z0p.dtype)
         for m, t in zip(dm[zp == 0].tolist(), tp[zp == 0].tolist()):
@@ -652,6 +667,7 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
         for a_t, b_t, za, zb in ((lo_t, tp, z0p, zp), (tp, hi_t, zp, z1p)):
             f = torch.nonzero(za * zb < 0).flatten()
             br_s.append(dm[f]); br_i1.append(pi1[f]); br_i2.append(pi2[f])
+            br_wb.append(pwb[f]); br_ws.append(pws[f])
             br_lo.append(a_t[f]); br_hi.append(b_t[f]); br_zlo.append(za[f]); br_zhi.append(zb[f])
             br_t.append(a_t[f] + (b_t[f] - a_t[f]) * (za[f] / (za[f] - zb[f])).to(torch.float64))
 
@@ -662,9 +678,10 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
         slo = torch.sign(torch.cat(br_zlo))
         t = torch.cat(br_t).clamp(0, 1)
         t = torch.where((t > lo) & (t < hi), t, 0.5 * (lo + hi))
-        final, done = _polish(path, s, i1, i2, lo, hi, slo, t, tol_t, max_iter, dtype)
+        final, done, real = _polish(path, s, i1, i2, torch.cat(br_wb), torch.cat(br_ws), lo, hi,
+                                    slo, t, tol_t, max_iter, dtype)
         kinks.unconverged = int((~done).sum())
-        for m, tv in zip(s.tolist(), final.tolist()):
+        for m, tv in zip(s[real].tolist(), final[real].tolist()):
             found[m].append(torch.tensor(tv, dtype=torch.float64))
     kinks.breakpoints = [torch.sort(torch.stack(f))[0] if f else
                          torch.zeros(0, dtype=torch.float64) for f in found]
@@ -672,10 +689,16 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
     return kinks
 
 
-def _polish(path, s, i1, i2, lo, hi, slo, t, tol_t, max_iter, dtype):
-    """Safeguarded Newton on z(t) = V[i1] − V[i2] inside [lo, hi] (z has sign slo at lo)."""
+def _polish(path, s, i1, i2, wb, ws, lo, hi, slo, t, tol_t, max_iter, dtype):
+    """Safeguarded Newton on z(t) = V[i1] − V[i2] inside [lo, hi] (z has sign slo at lo).
+
+    Returns (breakpoint, converged, real): ``real`` is False for a crossing of two candidates of
+    a max neither of which is the window's maximum there (no change of the argmax, no kink).
+    """
     final = t.clone()
     done = torch.zeros(len(s), dtype=torch.bool)
+    real = torch.ones(len(s), dtype=torch.bool)
+    cmax = int(ws.max()) if len(ws) else 0
     active = torch.arange(len(s))
     for _ in range(max_iter):
         if len(active) == 0:
@@ -698,21 +721,21 @@ def _polish(path, s, i1, i2, lo, hi, slo, t, tol_t, max_iter, dtype):
         final[active] = torch.where(z == 0, ta, torch.where(
             tiny, torch.minimum(torch.maximum(newton, lo[active]), hi[active]), nxt))
         done[active] = conv
+        if cmax:  # at convergence, is one of the pair the maximum of its window?
+            win = ws[active] > 0
+            idx = wb[active, None] + torch.arange(cmax)
+            valid = win[:, None] & (torch.arange(cmax) < ws[active, None])
+            C = _gather(V, torch.where(valid, idx, V.shape[1])).to(torch.float64)
+            top = torch.where(valid, C, torch.full_like(C, -float("inf"))).amax(1)
+            pair = torch.maximum(_gather(V, ia), _gather(V, ib))[:, 0].to(torch.float64)
+            tie = 1e-10 * torch.clamp(top.abs(), min=1.0)
+            real[active] = torch.where(win & conv, pair >= top - tie, real[active])
         t[active] = nxt
         active = active[~conv]
-    return final, done
+    return final, done, real
 
 
 # ============================================================================ nodes
-def gauss_legendre(n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """n-point Gauss–Legendre nodes and weights on [0, 1], float64 [n]."""
-    if n < 1:
-        raise ValueError(f"Gauss–Legendre needs n ≥ 1 nodes, got {n}")
-    x, w = np.polynomial.legendre.leggauss(n)
-    return (torch.from_numpy((x + 1) / 2).to(torch.float64),
-            torch.from_numpy(w / 2).to(torch.float64))
-
-
 def _pieces(breaks: torch.Tensor, merge_tol: float) -> torch.Tensor:
     """Piece boundaries 0 = b_0 < … < b_P = 1 from sorted breakpoints (close ones merged)."""
     keep = [0.0]
@@ -731,6 +754,8 @@ def nodes_from_breakpoints(breakpoints: Sequence[torch.Tensor], n: int, *, commo
     fewer pieces are padded with weight-0 nodes at t = 0.5. ``common=True``: one shared rule [Q]
     on the union of all samples' breakpoints (exact for every sample, more nodes each).
     """
+    if n < 1:
+        raise ValueError(f"kinks:n needs n ≥ 1 Gauss–Legendre nodes per piece, got {n}")
     tq, wq = gauss_legendre(n)
     if common:
         allb = torch.sort(torch.cat([b.to(torch.float64) for b in breakpoints]))[0] \
