@@ -251,8 +251,10 @@ class Trajectory:
     Memory: reading a step materialises only the tensors asked for (each [D] or [B]).
     """
 
-    def __init__(self, directory: str, manifest: dict, entries: List[dict], log_bytes: int):
+    def __init__(self, directory: str, manifest: dict, entries: List[dict], log_bytes: int,
+                 check_on_access: bool = True):
         self.directory = directory
+        self.check_on_access = check_on_access
         self.manifest = manifest
         self._entries = entries
         self._log_bytes = log_bytes
@@ -267,8 +269,12 @@ class Trajectory:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def load(cls, directory: str) -> "Trajectory":
-        """Open a trajectory directory; every complete step is available (see module docstring)."""
+    def load(cls, directory: str, check_on_access: bool = True) -> "Trajectory":
+        """Open a trajectory directory; every complete step is available (see module docstring).
+
+        ``check_on_access``: verify each file's sha256 the first time it is read (reads the whole
+        file once). Pass False to read only the tensors asked for from very large files;
+        :meth:`check` and :meth:`verify` still check everything."""
         path = os.path.join(directory, MANIFEST)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"no trajectory directory '{directory}'")
@@ -286,7 +292,7 @@ class Trajectory:
             raise ValueError(f"{path}: trajectory format version {manifest.get('format_version')} "
                              f"is not supported by this version (reads {FORMAT_VERSION})")
         entries, log_bytes = read_log(directory)
-        return cls(directory, manifest, entries, log_bytes)
+        return cls(directory, manifest, entries, log_bytes, check_on_access)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -313,9 +319,11 @@ class Trajectory:
         e = self._entries[s]
         return os.path.join(self.directory, e["file"]), e["sha256"], f"stored step {s}"
 
-    def _check_file(self, s: Optional[int]) -> str:
+    def _check_file(self, s: Optional[int], force: bool = False) -> str:
         path, sha, what = self._file_info(s)
-        if path in self._checked:
+        if path in self._checked or not (force or self.check_on_access):
+            if not os.path.exists(path):
+                raise CorruptTrajectoryError(f"{path} ({what}) is missing")
             return path
         if not os.path.exists(path):
             raise CorruptTrajectoryError(f"{path} ({what}) is missing")
@@ -333,9 +341,9 @@ class Trajectory:
     def check(self) -> None:
         """Verify the checksum of every file now; raises CorruptTrajectoryError naming the first
         bad file and its step."""
-        self._check_file(None)
+        self._check_file(None, force=True)
         for s in range(self.num_steps):
-            self._check_file(s)
+            self._check_file(s, force=True)
 
     def _read(self, s: Optional[int], keys: Sequence[str]) -> Dict[str, torch.Tensor]:
         path = self._check_file(s)

@@ -216,6 +216,15 @@ def test_truncated_tensor_file(recorded):
             access()
 
 
+def test_unchecked_access_reads_lazily_but_check_still_catches(recorded):
+    d, _ = recorded
+    _flip_byte(d / step_file_name(4), offset_from_end=1)   # last byte of θ_5's data region
+    traj = Trajectory.load(d, check_on_access=False)
+    traj.step(4)                                    # no checksum on access
+    with pytest.raises(CorruptTrajectoryError, match=r"step_00000004.*stored step 4"):
+        traj.check()
+
+
 @pytest.mark.parametrize("target", ["step", "init"])
 def test_flipped_byte_in_tensor_file(recorded, target):
     d, _ = recorded
