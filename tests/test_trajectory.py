@@ -266,6 +266,19 @@ def test_truncated_last_log_line_is_an_incomplete_step(recorded):
     assert traj.verify(model).max_moment_error <= MOMENT_TOL
 
 
+def test_every_truncation_of_the_log_loads_its_complete_steps(recorded):
+    """A write cut short at any byte of the log leaves exactly the steps whose lines are whole."""
+    d, _ = recorded
+    path = d / LOG
+    full = open(path, "rb").read()
+    line_ends = [i + 1 for i, b in enumerate(full) if b == ord("\n")]
+    # every 5th byte, and every byte next to a line end (where off-by-one errors would show)
+    cuts = set(range(0, len(full) + 1, 5)) | {e + k for e in line_ends for k in (-2, -1, 0, 1)}
+    for cut in sorted(c for c in cuts if 0 <= c <= len(full)):
+        open(path, "wb").write(full[:cut])
+        assert Trajectory.load(d).num_steps == sum(end <= cut for end in line_ends), cut
+
+
 def test_tampered_manifest(recorded):
     d, _ = recorded
     m = json.load(open(d / MANIFEST))
