@@ -45,12 +45,14 @@ weights in ``set_batch``). Not supported: torch.amp.GradScaler (its unscale_ edi
 Subsampled checkpoints (checkpoint_every = k > 1, the LLM setting, paper Remark F.3): θ, v and the
 first moment m are stored after every k-th raw step only (and after the last step, at ``close()``);
 the scalars and batches of every raw step are kept (``Trajectory.raw_steps``). Then exactly
-attributable: each stored update θ_s → θ_{s+1} as a whole, split into its regularisation part and
-its first-moment part over parameters and test samples (the train side is the stored update
-itself), with the path integral taken over the stored segment. NOT attributable: the first-moment
-part to individual training samples or batches (the moment mixes the gradients of the skipped
-steps, whose states were not stored; the paper's geometric β1-rescaling is only an approximation),
-and anything at a finer time resolution than k steps.
+attributable: each stored update θ_s → θ_{s+1} as a whole, over parameters, test samples and
+outputs (the train side is the stored update itself; the path integral runs over the stored
+segment). Only approximately attributable: its split into the regularisation part
+(Σ_j α_j λ θ_j over the raw steps j needs the unstored θ_j; e.g. interpolated) and the first-moment
+part. NOT attributable: the first-moment part to individual training samples or batches (the
+moment mixes the gradients of the skipped steps, whose states were not stored; the stored m is the
+aggregate, and the paper's geometric β1-rescaling is an approximation), and anything at a finer
+time resolution than k steps.
 
 Crash safety and resuming: see :mod:`explaind_fast.trajectory`. A killed run leaves every completed
 stored update loadable. Opening a directory that already holds a trajectory raises unless
