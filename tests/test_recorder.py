@@ -72,6 +72,16 @@ def test_adamw_implementations(tmp_path, impl):
     assert max(e / s for e, s in zip(errors, steps)) <= IDENTITY_TOL[F64]
 
 
+def test_adam_with_decoupled_weight_decay_is_adamw(tmp_path):
+    model, _ = record_run(tmp_path / "t", "adam", F64, opt_kw={"decoupled_weight_decay": True})
+    traj = Trajectory.load(tmp_path / "t")
+    assert traj.optimizer_kind == "adamw"
+    assert traj.verify(model).max_moment_error <= MOMENT_TOL[F64]
+    X, Y = data(F64)
+    errors, steps, _ = step_identity_errors(traj, model, X, Y)
+    assert max(e / s for e, s in zip(errors, steps)) <= IDENTITY_TOL[F64]
+
+
 @pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
 def test_stored_first_moment_replays_honestly(tmp_path, kind):
     # momentum1=0: an SGD group without momentum buffer (the recorder stores torch's d_p = g + λθ)
