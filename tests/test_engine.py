@@ -202,3 +202,20 @@ def test_contraction_fallback_equals_op(mlp, monkeypatch):
         check(mlp, b, "logits", G, "label", "each")
     b = run_attr(mlp, **kw)
     assert (a.kernel - b.kernel).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_gradient_credit_other_optimizers(kind):
+    """Backward recursion with momentum/L2 reg recursions (reg_decay != 0) vs the naive
+    gradient-step credit, and update credit per step."""
+    model, traj, (Xtr, Ytr), Xte, Yte, _ = tiny_mlp_run(kind=kind, steps=3)
+    nt = naive_tensor(model, traj, Xte, lambda o, t: o, None, Xtr, Ytr, ce,
+                      lambda s: NodeSet(*gauss_legendre(3)))
+    g = parse_params("tensor", traj.layout)
+    p = parse_data("label", Xtr.shape[0], Ytr)
+    bounds = parse_steps("each", traj.num_steps).bounds
+    for credit in ("gradient", "update"):
+        a = attribute(model, traj, Xte, train_data=(Xtr, Ytr), params="tensor", data="label",
+                      steps="each", quadrature=RULE, credit=credit, progress=False)
+        k, r = nt.reduce(bounds, g.ids, g.G, p.ids, p.P, credit=credit)
+        assert (a.kernel - k).abs().max() < TOL and (a.reg - r).abs().max() < TOL, credit
