@@ -75,8 +75,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .layout import ParamLayout
-from .trajectory import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Trajectory, TrajectoryWriter,
-                         read_log)
+from .trajectory import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, BackgroundWriter, Trajectory,
+                         TrajectoryWriter, read_log)
 
 _ADAM_KINDS = ("adamw", "adam")
 
@@ -151,12 +151,16 @@ class TrajectoryRecorder:
             they differ: catches torch.nn.utils.clip_grad_norm_ / clip_grad_value_ called
             directly, gradients edited or assigned by hand, and GradScaler.unscale_ (not
             supported). Costs one norm per parameter per backward.
+        write_behind: serialise, hash, write and fsync each stored step on a background thread,
+            overlapping the next training step (hides the disk latency). A step is then on disk
+            only after up to two further steps or ``close()``; a killed run loses at most the
+            queued steps; a write error is raised at the next step or at ``close()``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str,
                  checkpoint_every: int = 1, *, dataset_size: Optional[int] = None,
                  store_first_moment: bool = False, resume: bool = False, fsync: bool = True,
-                 check_gradients: bool = True):
+                 check_gradients: bool = True, write_behind: bool = False):
         if int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
         if dataset_size is not None and (int(dataset_size) != dataset_size or dataset_size < 1):
@@ -182,6 +186,8 @@ class TrajectoryRecorder:
             dtype = torch.promote_types(dtype, p.dtype)
         self.dtype = dtype  # θ and moments are stored exactly in the widest parameter dtype
         self._writer = TrajectoryWriter(self.directory, fsync=fsync)
+        self.write_behind = bool(write_behind)
+        self._background: Optional[BackgroundWriter] = None
         self._batch = None
         self._clip = 1.0
         self._pending: List[dict] = []        # raw steps of the current, unfinished interval
@@ -204,6 +210,8 @@ class TrajectoryRecorder:
             self._last_theta = self._flat_theta()
             self._writer.create(self._manifest(), self._last_theta)
             self._num_stored, self._next_raw, self._sgd_count = 0, 0, 0
+        if self.write_behind:   # after create/resume, which write synchronously
+            self._background = BackgroundWriter(self._writer)
         self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
                          optimizer.register_step_post_hook(self._post_hook)]
         self.check_gradients = bool(check_gradients)
@@ -215,7 +223,8 @@ class TrajectoryRecorder:
     # ------------------------------------------------------------------ user API
     @property
     def num_steps(self) -> int:
-        """Stored updates written so far."""
+        """Stored updates recorded so far (with write_behind, the last few may still be queued;
+        see ``flush``)."""
         return self._num_stored
 
     def set_batch(self, indices, weights=None) -> None:
@@ -282,6 +291,13 @@ class TrajectoryRecorder:
             for h in self._handles:
                 h.remove()
             self._closed = True
+            if self._background is not None:
+                self._background.close()   # waits for the queued steps; re-raises a failure
+
+    def flush(self) -> None:
+        """With write_behind: wait until every recorded step is on disk (no-op otherwise)."""
+        if self._background is not None:
+            self._background.flush()
 
     def __enter__(self) -> "TrajectoryRecorder":
         return self
@@ -296,6 +312,9 @@ class TrajectoryRecorder:
         if self._failed is not None:
             raise RuntimeError(f"the recorder stopped after an error and cannot record further "
                                f"steps: {self._failed}")
+        if self._background is not None and self._background.error is not None:
+            self._failed = f"a background write failed: {self._background.error!r}"
+            self._background.raise_if_failed()
         if self._batch is None:
             raise RuntimeError("call recorder.set_batch(indices) before every optimizer.step(): "
                                "the trajectory must know which samples formed the batch")
@@ -371,9 +390,8 @@ class TrajectoryRecorder:
                     buf = state[p].get("momentum_buffer") if p in state else None
                     parts.append(buf if buf is not None else direction[i])
                 tensors["exp_avg"] = self._flatten(parts)
-        self._writer.append(self._num_stored, tensors,
-                            {"raw": [i["raw"] for i in self._pending],
-                             "time": time.time()})
+        payload = {"raw": [i["raw"] for i in self._pending], "time": time.time()}
+        (self._background or self._writer).append(self._num_stored, tensors, payload)
         self._num_stored += 1
         self._pending = []
 

@@ -42,11 +42,14 @@ Sign convention of the library (for the engine built on this): results are contr
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import queue
+import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -193,6 +196,59 @@ class TrajectoryWriter:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+
+
+class BackgroundWriter:
+    """Runs a TrajectoryWriter's appends on one worker thread (write-behind), in order.
+
+    Serialising, hashing, writing and fsyncing a step then overlap the next training step. Every
+    step is still written atomically, in order; a process killed with steps still queued loses
+    those (at most ``max_pending`` + 1), never a written one. A failed write is re-raised by the
+    next ``submit``/``flush``/``close``; later steps are then dropped, not written after a gap.
+    ``close`` runs at interpreter exit if the owner forgot.
+    """
+
+    def __init__(self, writer: TrajectoryWriter, max_pending: int = 2):
+        self.writer = writer
+        self.error: Optional[BaseException] = None
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="explaind-trajectory-writer",
+                                        daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    self.writer.append(*item)
+            except BaseException as e:  # handed to the training thread
+                self.error = e
+            finally:
+                self._queue.task_done()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing the trajectory failed in the background: "
+                               f"{type(self.error).__name__}: {self.error}") from self.error
+
+    def append(self, s: int, tensors: Dict[str, torch.Tensor], payload: dict) -> None:
+        self.raise_if_failed()
+        self._queue.put((s, tensors, payload))
+
+    def flush(self) -> None:
+        self._queue.join()
+        self.raise_if_failed()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        atexit.unregister(self.close)
+        self.raise_if_failed()
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -186,6 +186,37 @@ def test_crash_points_then_resume(tmp_path, monkeypatch, point):
     assert [r.index for s in range(6) for r in Trajectory.load(d).raw_steps(s)] == list(range(6))
 
 
+def test_write_behind_gives_the_same_trajectory(tmp_path):
+    model = make_model(F64)
+    opt = make_optimizer(model, "adamw")
+    with TrajectoryRecorder(model, opt, tmp_path / "t", dataset_size=N_SAMPLES,
+                            write_behind=True) as rec:
+        train_steps(model, opt, rec, 0, 6)
+        rec.flush()
+        assert Trajectory.load(tmp_path / "t").num_steps == 6
+    assert_same_trajectory(Trajectory.load(tmp_path / "t"), uninterrupted(tmp_path, 6), 6)
+
+
+def test_write_behind_failure_surfaces(tmp_path, monkeypatch):
+    model = make_model(F64)
+    opt = make_optimizer(model, "adamw")
+    rec = TrajectoryRecorder(model, opt, tmp_path / "t", write_behind=True)
+    train_steps(model, opt, rec, 0, 2)
+    rec.flush()
+
+    def failing(self, s, tensors, payload):
+        raise OSError("disk full")
+    monkeypatch.setattr(trajectory_module.TrajectoryWriter, "append", failing)
+    train_steps(model, opt, rec, 2, 3)       # queued; fails on the worker
+    with pytest.raises(RuntimeError, match="disk full"):
+        rec.flush()
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_steps(model, opt, rec, 3, 4)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rec.close()
+    assert Trajectory.load(tmp_path / "t").num_steps == 2
+
+
 # ------------------------------------------------------------------------------ checksums
 def _flip_byte(path, offset_from_end=20):
     with open(path, "r+b") as f:
