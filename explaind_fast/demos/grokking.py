@@ -296,4 +296,5 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
             f"{a4.reconstruction_error:.2e}")
     return {"report": path, "num_steps": N, "grok_step": grok_step, "memorize_step": memo_step,
             "table1": rows, "reconstruction_errors": [r["reconstruction_error"] for r in rep.runs],
+            "attribution_runs": rep.runs,
             "wall_s": wall, "train_wall_s": tr.wall_s, "worst_table_error": table_err}
