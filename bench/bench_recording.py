@@ -6,7 +6,8 @@ Measures, per training step, on the CPU:
 
 * bare:      zero_grad + forward + loss + backward + optimizer.step()
 * recorded:  the same with a TrajectoryRecorder attached (set_batch + hooks + writing the step);
-             with fsync (default, survives power loss) and without (survives a killed process)
+             with fsync (default, survives power loss), without (survives a killed process), and
+             with fsync on a background thread (write_behind=True)
 * hooks:     the time spent inside the recorder's own hooks (pre: checks; post: flatten, hash, write)
 
 Bare and recorded steps are interleaved (ABAB…) so that drift on a shared machine hits both alike.
@@ -45,7 +46,7 @@ def quantiles(xs):
 class Run:
     """One model + optimizer (+ recorder) taking full-batch steps."""
 
-    def __init__(self, data, dtype, directory=None, fsync=True):
+    def __init__(self, data, dtype, directory=None, fsync=True, write_behind=False):
         torch.manual_seed(0)
         self.model = ModularAdditionTransformer().to(dtype)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=4.0,
@@ -56,7 +57,8 @@ class Run:
         self.hook_s = []
         if directory is not None:
             self.rec = TrajectoryRecorder(self.model, self.opt, directory,
-                                          dataset_size=len(self.x), fsync=fsync)
+                                          dataset_size=len(self.x), fsync=fsync,
+                                          write_behind=write_behind)
             self._instrument()
 
     def _instrument(self):
@@ -102,14 +104,17 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix="bench_recording_")
     runs = {"bare": Run(data, dtype),
             "recorded_fsync": Run(data, dtype, os.path.join(root, "fsync"), fsync=True),
-            "recorded_nofsync": Run(data, dtype, os.path.join(root, "nofsync"), fsync=False)}
+            "recorded_nofsync": Run(data, dtype, os.path.join(root, "nofsync"), fsync=False),
+            "recorded_fsync_behind": Run(data, dtype, os.path.join(root, "behind"), fsync=True,
+                                         write_behind=True)}
     times = {k: [] for k in runs}
     for i in range(args.warmup + args.steps):
         for name, run in runs.items():
             t = run.step()
             if i >= args.warmup:
                 times[name].append(t)
-    for name in ("recorded_fsync", "recorded_nofsync"):
+    recorded = [n for n in runs if n != "bare"]
+    for name in recorded:
         runs[name].rec.close()
 
     D = runs["recorded_fsync"].rec.layout.D
@@ -137,7 +142,7 @@ def main(argv=None):
     bare_params = list(runs["bare"].model.parameters())
     result["recorded_equals_bare"] = all(
         all(torch.equal(a, b) for a, b in zip(bare_params, runs[n].model.parameters()))
-        for n in ("recorded_fsync", "recorded_nofsync"))
+        for n in recorded)
     if args.verify:
         report = Trajectory.load(d).verify(runs["recorded_fsync"].model)
         result["verify_max_theta_error"] = report.max_theta_error
@@ -156,7 +161,7 @@ def main(argv=None):
     print("| | wall | wall / bare | CPU (all threads) | CPU / bare |")
     print("|---|---|---|---|---|")
     print(f"| bare step | {fmt(r['bare']['wall'])} | 1 | {fmt(r['bare']['cpu'])} | 1 |")
-    for name in ("recorded_fsync", "recorded_nofsync"):
+    for name in recorded:
         x = r[name]
         print(f"| {name} step | {fmt(x['wall'])} | {x['wall']['median_ms'] / bare_w:.3f} | "
               f"{fmt(x['cpu'])} | {x['cpu']['median_ms'] / bare_c:.3f} |")
