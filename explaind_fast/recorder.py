@@ -257,7 +257,11 @@ class TrajectoryRecorder:
         """Clip the gradients of θ like ``torch.nn.utils.clip_grad_norm_`` (scale by
         min(1, max_norm/(total_norm + 1e-6))) and record the factor. Returns the total norm."""
         grads = self._grads("clip_grad_norm_")
-        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        if hasattr(torch.nn.utils, "get_total_norm"):          # torch >= 2.6
+            total = torch.nn.utils.get_total_norm(grads, norm_type)
+        else:                                                  # what clip_grad_norm_ computes
+            total = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
         factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         if not bool(torch.isfinite(factor)):
             raise ValueError(f"clip_grad_norm_: the gradient norm is {float(total)}; the step "
