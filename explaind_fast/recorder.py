@@ -67,7 +67,6 @@ elements of the storage dtype.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence

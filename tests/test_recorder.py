@@ -13,7 +13,6 @@ Tolerances (measured on these runs, with margin; Δ_s = θ_{s+1} − θ_s):
 """
 import json
 import os
-import zlib
 
 import pytest
 import torch
