@@ -469,6 +469,8 @@ class Kinks:
         unseen: piecewise ops the rule cannot see (their kinks are *not* in ``breakpoints``;
             the quadrature residual will show the error they cause).
         unconverged: breakpoints whose Newton/bisection did not reach ``tol_t``.
+        unverified: kinks found in the last allowed verification round (their pieces were not
+            re-scanned).
     """
 
     breakpoints: List[torch.Tensor]
@@ -477,6 +479,7 @@ class Kinks:
     row_evals: int
     unseen: List[str] = field(default_factory=list)
     unconverged: int = 0
+    unverified: int = 0
 
     @property
     def pieces(self) -> torch.Tensor:
@@ -548,10 +551,13 @@ def _hermite_extremum(z0, z1, m0, m1):
     A, B, C = 3 * a, 2 * b, m0  # p'(τ) = Aτ² + Bτ + C
     disc = B * B - 4 * A * C
     sq = torch.sqrt(torch.clamp(disc, min=0))
+    # stable roots (no cancellation when A is tiny): q = −(B + sign(B)·√disc)/2, q/A and C/q
     one = torch.ones_like(A)
-    lin = -C / torch.where(B == 0, one, B)
-    r1 = torch.where(A == 0, lin, (-B - sq) / (2 * torch.where(A == 0, one, A)))
-    r2 = torch.where(A == 0, lin, (-B + sq) / (2 * torch.where(A == 0, one, A)))
+    q = -0.5 * (B + torch.where(B >= 0, sq, -sq))
+    r1 = q / torch.where(A == 0, one, A)
+    r1 = torch.where(A == 0, torch.full_like(A, float("nan")), r1)
+    r2 = C / torch.where(q == 0, one, q)
+    r2 = torch.where(q == 0, torch.full_like(A, float("nan")), r2)
     ref = torch.where(z0 != 0, torch.sign(z0), torch.sign(m0))
     tau = torch.full_like(z0, 0.5)
     low = torch.full_like(z0, float("inf"))
@@ -581,8 +587,9 @@ def _hermite_root(z0, z1, m0, m1, iters: int = 4):
 
 def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tensor,
                delta_s: torch.Tensor, test_inputs, *, activations=None, grid: int = 4,
-               tol_t: float = 1e-14, max_iter: int = 60, chunk_elems: int = 1 << 24,
-               warn: bool = True) -> Kinks:
+               tol_t: float = 1e-14, max_iter: int = 60, verify: bool = True,
+               max_rounds: int = 20, side: float = 1e-11, merge_tol: float = 1e-12,
+               chunk_elems: int = 1 << 24, warn: bool = True) -> Kinks:
     """Breakpoints t ∈ (0, 1) of t ↦ J(θ_s + tΔ_s) for each test sample (see module docstring).
 
     Args:
@@ -598,6 +605,12 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
             changes mark the kinks.
         grid: cells of the shared bracketing grid (grid + 1 batched forward-mode passes).
         tol_t: absolute tolerance on each breakpoint.
+        verify: re-scan the pieces of every grid cell that holds kinks (needed when piecewise
+            ops feed each other, e.g. ReLU after ReLU: a downstream unit's switching function is
+            then only piecewise smooth in its cell). Costs two single-sample passes per kink.
+        max_rounds: bound on verification rounds (kinks found in the last one count in
+            ``Kinks.unverified``). side: offset of the one-sided values inside each piece.
+        merge_tol: kinks closer than this are one.
         chunk_elems: bound on rows × (D + K) floats held by one vmapped polishing chunk.
         warn: emit a warning naming piecewise ops the rule cannot see.
     """
@@ -619,74 +632,128 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
 
     ts = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
     Z, DZ = zip(*(path.shared(float(t)) for t in ts))
-    # brackets: (sample, i1, i2, window start, window size, lo, hi, z at lo, z at hi, guess)
-    br_s, br_i1, br_i2, br_wb, br_ws, br_lo, br_hi, br_zlo, br_zhi, br_t = ([] for _ in range(10))
-    probes = []
-    for j in range(grid):
-        lo, hi = float(ts[j]), float(ts[j + 1])
-        h = hi - lo
-        i1, i2, wb, ws, keep = _switch_rows(path, Z[j], Z[j + 1])
-        z0 = _gather(Z[j], i1) - _gather(Z[j], i2)
-        z1 = _gather(Z[j + 1], i1) - _gather(Z[j + 1], i2)
-        m0 = h * (_gather(DZ[j], i1) - _gather(DZ[j], i2))
-        m1 = h * (_gather(DZ[j + 1], i1) - _gather(DZ[j + 1], i2))
-        cross = ((z0 * z1) < 0) & keep
-        # an exact zero at an interior grid point with a sign change across it is a breakpoint
-        if j > 0:
-            at_grid = keep & (z0 == 0) & (torch.sign(m0) != 0)
-            for m in torch.nonzero(at_grid.any(1)).flatten().tolist():
-                found[m].append(torch.tensor(lo, dtype=torch.float64))
-        # a dip through zero and back inside the cell (same sign at both ends), or a crossing
-        # right after an exact zero at the cell start: probe the Hermite extremum
-        tau_d, low, has_ext = _hermite_extremum(z0, z1, m0, m1)
-        scale = torch.maximum(z0.abs(), z1.abs())
-        dip = keep & (((z0 * z1 > 0) & has_ext & (low < 0.1 * scale)) |
-                      ((z0 == 0) & (m0 * z1 < 0)))
-        tau_r = _hermite_root(z0, z1, m0, m1)
-        sm, k = torch.nonzero(cross, as_tuple=True)
-        br_s.append(sm); br_i1.append(i1[sm, k]); br_i2.append(i2[sm, k])
-        br_wb.append(wb[sm, k]); br_ws.append(ws[sm, k])
-        br_lo.append(torch.full((len(sm),), lo, dtype=torch.float64))
-        br_hi.append(torch.full((len(sm),), hi, dtype=torch.float64))
-        br_zlo.append(z0[sm, k]); br_zhi.append(z1[sm, k])
-        br_t.append(lo + h * tau_r[sm, k].to(torch.float64))
-        dm, dk = torch.nonzero(dip, as_tuple=True)
-        if len(dm):
-            probes.append((dm, i1[dm, dk], i2[dm, dk], wb[dm, dk], ws[dm, dk], lo, hi,
-                           z0[dm, dk], z1[dm, dk],
-                           lo + h * tau_d[dm, dk].to(torch.float64)))
+    cells = torch.arange(grid).repeat_interleave(M)          # interval rows: cell-major
+    sample = torch.arange(M).repeat(grid)
+    hits, brackets, probes = _scan(
+        path, sample, ts[cells], ts[cells + 1], torch.cat(Z[:-1]), torch.cat(DZ[:-1]),
+        torch.cat(Z[1:]), torch.cat(DZ[1:]), interior_lo=cells > 0)
+    roots, bad = _resolve(path, brackets, probes, tol_t, max_iter, dtype)
+    kinks.unconverged += bad
+    for m, t in hits + roots:
+        found[m].append(t)
+    if verify:
+        # a switching function downstream of a kink is only piecewise smooth in its grid cell, so
+        # the Hermite dip test is not trusted there: re-scan every piece between the knots of
+        # each cell that holds kinks, with one-sided values just inside the piece, until no piece
+        # reveals a new kink. Cells without kinks are smooth for every unit and need no second look.
+        cache: Dict[Tuple[int, float], Tuple[torch.Tensor, torch.Tensor]] = {}
+        new = roots + hits
+        for _ in range(max_rounds):
+            if not new:
+                break
+            todo = sorted({(m, min(int(t * grid), grid - 1)) for m, t in new})
+            pieces = []
+            for m, c in todo:
+                lo_c, hi_c = float(ts[c]), float(ts[c + 1])
+                inner = sorted(t for t in found[m] if lo_c < t < hi_c)
+                knots = [lo_c] + inner + [hi_c]
+                for a_, b_ in zip(knots[:-1], knots[1:]):
+                    if b_ - a_ > 4 * side:
+                        pieces.append((m, c, a_, b_, a_ != lo_c, b_ != hi_c))
+            need = sorted({(m, a_ + side) for m, _, a_, _, sa, _ in pieces if sa} |
+                          {(m, b_ - side) for m, _, _, b_, _, sb in pieces if sb})
+            need = [key for key in need if key not in cache]
+            if need:
+                V, DV = path.rows(torch.tensor([k[0] for k in need]),
+                                  torch.tensor([k[1] for k in need], dtype=dtype))
+                for r, key in enumerate(need):
+                    cache[key] = (V[r], DV[r])
+            if not pieces:
+                break
 
-    # probe flagged dips: a sign change on either side of the probe makes a bracket there
-    for dm, pi1, pi2, pwb, pws, lo, hi, z0p, z1p, tp in probes:
-        V, _ = path.rows(dm, tp.to(dtype))
-        zp = (_gather(V, pi1[:, None]) - _gather(V, pi2[:, None]))[:, 0].to(z0p.dtype)
-        for m, t in zip(dm[zp == 0].tolist(), tp[zp == 0].tolist()):
-            found[m].append(torch.tensor(t, dtype=torch.float64))
-        lo_t = torch.full_like(tp, lo)
-        hi_t = torch.full_like(tp, hi)
-        for a_t, b_t, za, zb in ((lo_t, tp, z0p, zp), (tp, hi_t, zp, z1p)):
-            f = torch.nonzero(za * zb < 0).flatten()
-            br_s.append(dm[f]); br_i1.append(pi1[f]); br_i2.append(pi2[f])
-            br_wb.append(pwb[f]); br_ws.append(pws[f])
-            br_lo.append(a_t[f]); br_hi.append(b_t[f]); br_zlo.append(za[f]); br_zhi.append(zb[f])
-            br_t.append(a_t[f] + (b_t[f] - a_t[f]) * (za[f] / (za[f] - zb[f])).to(torch.float64))
-
-    s = torch.cat(br_s) if br_s else torch.zeros(0, dtype=torch.int64)
-    if len(s):
-        i1, i2 = torch.cat(br_i1), torch.cat(br_i2)
-        lo, hi = torch.cat(br_lo), torch.cat(br_hi)
-        slo = torch.sign(torch.cat(br_zlo))
-        t = torch.cat(br_t).clamp(0, 1)
-        t = torch.where((t > lo) & (t < hi), t, 0.5 * (lo + hi))
-        final, done, real = _polish(path, s, i1, i2, torch.cat(br_wb), torch.cat(br_ws), lo, hi,
-                                    slo, t, tol_t, max_iter, dtype)
-        kinks.unconverged = int((~done).sum())
-        for m, tv in zip(s[real].tolist(), final[real].tolist()):
-            found[m].append(torch.tensor(tv, dtype=torch.float64))
-    kinks.breakpoints = [torch.sort(torch.stack(f))[0] if f else
-                         torch.zeros(0, dtype=torch.float64) for f in found]
+            def end(m, c, t, shift, inside):
+                if inside:
+                    return (t + shift,) + cache[(m, t + shift)]
+                return (t, Z[round(t * grid)][m], DZ[round(t * grid)][m])
+            L = [end(m, c, a_, side, sa) for m, c, a_, _, sa, _ in pieces]
+            R = [end(m, c, b_, -side, sb) for m, c, _, b_, _, sb in pieces]
+            smp = torch.tensor([p[0] for p in pieces])
+            hits2, brackets2, probes2 = _scan(
+                path, smp, torch.tensor([x[0] for x in L], dtype=torch.float64),
+                torch.tensor([x[0] for x in R], dtype=torch.float64),
+                torch.stack([x[1] for x in L]), torch.stack([x[2] for x in L]),
+                torch.stack([x[1] for x in R]), torch.stack([x[2] for x in R]),
+                interior_lo=torch.tensor([p[4] or p[1] > 0 for p in pieces]))
+            roots2, bad = _resolve(path, brackets2, probes2, tol_t, max_iter, dtype)
+            kinks.unconverged += bad
+            new = []
+            for m, t in hits2 + roots2:
+                if all(abs(t - u) > merge_tol for u in found[m]):
+                    found[m].append(t)
+                    new.append((m, t))
+        else:
+            if new:
+                kinks.unverified = len(new)
+    kinks.breakpoints = [torch.sort(torch.tensor(f, dtype=torch.float64))[0] for f in found]
     kinks.shared_evals, kinks.row_evals = path.shared_evals, path.row_evals
     return kinks
+
+
+def _scan(path, sample, lo, hi, Vlo, DVlo, Vhi, DVhi, interior_lo):
+    """Find what crosses zero inside intervals (sample[i], lo[i], hi[i]) from the values and
+    t-derivatives [I, K] of all switching functions at both ends.
+
+    Returns (hits, brackets, probes): hits are (sample, t) of exact zeros with a sign change at
+    an interval start marked ``interior_lo``; brackets are sign changes to polish; probes are
+    Hermite-flagged dips (or crossings right after an exact zero) to evaluate once.
+    """
+    h = (hi - lo).to(Vlo.dtype)[:, None]
+    i1, i2, wb, ws, keep = _switch_rows(path, Vlo, Vhi)
+    z0 = _gather(Vlo, i1) - _gather(Vlo, i2)
+    z1 = _gather(Vhi, i1) - _gather(Vhi, i2)
+    m0 = h * (_gather(DVlo, i1) - _gather(DVlo, i2))
+    m1 = h * (_gather(DVhi, i1) - _gather(DVhi, i2))
+    hits = []
+    at_knot = keep & interior_lo[:, None] & (z0 == 0) & (m0 != 0)
+    for r in torch.nonzero(at_knot.any(1)).flatten().tolist():
+        hits.append((int(sample[r]), float(lo[r])))
+    cross = keep & (z0 * z1 < 0)
+    tau_d, low, has_ext = _hermite_extremum(z0, z1, m0, m1)
+    scale = torch.maximum(z0.abs(), z1.abs())
+    dip = keep & (((z0 * z1 > 0) & has_ext & (low < 0.1 * scale)) | ((z0 == 0) & (m0 * z1 < 0)))
+    tau_r = _hermite_root(z0, z1, m0, m1)
+    r, k = torch.nonzero(cross, as_tuple=True)
+    span = (hi - lo)[r]
+    brackets = [(sample[r], i1[r, k], i2[r, k], wb[r, k], ws[r, k], lo[r], hi[r], z0[r, k],
+                 lo[r] + span * tau_r[r, k].to(torch.float64))]
+    r, k = torch.nonzero(dip, as_tuple=True)
+    span = (hi - lo)[r]
+    probes = (sample[r], i1[r, k], i2[r, k], wb[r, k], ws[r, k], lo[r], hi[r], z0[r, k],
+              z1[r, k], lo[r] + span * tau_d[r, k].to(torch.float64))
+    return hits, brackets, probes
+
+
+def _resolve(path, brackets, probes, tol_t, max_iter, dtype):
+    """Evaluate the probes, then polish all brackets. Returns ([(sample, t)], unconverged)."""
+    hits = []
+    dm, pi1, pi2, pwb, pws, lo, hi, z0p, z1p, tp = probes
+    if len(dm):
+        V, DV = path.rows(dm, tp.to(dtype))
+        zp = (_gather(V, pi1[:, None]) - _gather(V, pi2[:, None]))[:, 0].to(z0p.dtype)
+        dzp = (_gather(DV, pi1[:, None]) - _gather(DV, pi2[:, None]))[:, 0]
+        crossing_here = (zp == 0) & (dzp != 0)  # zp = 0 with zero slope is a touch: no kink
+        hits += [(m, t) for m, t in zip(dm[crossing_here].tolist(), tp[crossing_here].tolist())]
+        for a_t, b_t, za, zb in ((lo, tp, z0p, zp), (tp, hi, zp, z1p)):
+            f = torch.nonzero(za * zb < 0).flatten()
+            guess = a_t[f] + (b_t[f] - a_t[f]) * (za[f] / (za[f] - zb[f])).to(torch.float64)
+            brackets.append((dm[f], pi1[f], pi2[f], pwb[f], pws[f], a_t[f], b_t[f], za[f], guess))
+    s, i1, i2, wb, ws, lo, hi, zlo, t = (torch.cat(parts) for parts in zip(*brackets))
+    if len(s) == 0:
+        return hits, 0
+    t = torch.where((t > lo) & (t < hi), t, 0.5 * (lo + hi))
+    final, done, real = _polish(path, s, i1, i2, wb, ws, lo.clone(), hi.clone(), torch.sign(zlo),
+                                t, tol_t, max_iter, dtype)
+    return hits + list(zip(s[real].tolist(), final[real].tolist())), int((~done).sum())
 
 
 def _polish(path, s, i1, i2, wb, ws, lo, hi, slo, t, tol_t, max_iter, dtype):
