@@ -8,6 +8,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -84,106 +87,189 @@ void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at
 
 namespace {
 
-// Row block and chunk sizes of the CPU kernel. A task owns kRowBlock rows of J and a run of whole
-// groups, so no two tasks write the same out entry (no atomics, deterministic). The folded tile
-// A = sum_q w_q J[q, rows, chunk] (kRowBlock x kChunk accumulators, 8 KiB in float32) and the
-// matching B chunk stay in L1/L2 while they are multiplied, so J is read from memory exactly once.
-constexpr int64_t kRowBlock = 8;
-constexpr int64_t kChunk = 256;
-// A task spans about this many coordinates (several tiny groups, or one long group).
-constexpr int64_t kTaskSpan = 16384;
+// The CPU kernel. A task owns a block of rows and a run of whole groups, so no two tasks write the
+// same out entry (no atomics, deterministic for a given thread count). Per chunk of coordinates the
+// task folds the quadrature, A = sum_q w_q J[q, rows, chunk], into a scratch tile that stays in
+// cache while it is multiplied with B, so J is read from memory exactly once. Two layouts:
+//
+//  * long groups (mean length >= kShortGroupMeanLength): 8 rows x 256 coordinates (8 KiB in
+//    float32, L1), one contiguous dot product per (row, p) and group piece;
+//  * short groups (e.g. one coordinate per group): up to 512 rows x 64 coordinates, transposed to
+//    [coordinate][row], then per coordinate and p one AXPY over the rows into a [p][row]
+//    accumulator. Inner loops stay long and vectorised however short the groups are, and each
+//    group's out[g] block (rows x P, contiguous) is written in one sweep.
+constexpr int64_t kLongChunk = 256;
+constexpr int64_t kLongRowBlock = 8;
+constexpr int64_t kShortChunk = 64;
+constexpr int64_t kShortRowBlock = 512;
+constexpr int64_t kShortGroupMeanLength = 64;
+// A run of groups spans about this many coordinates (capped so every thread gets several tasks).
+constexpr int64_t kMaxTaskSpan = 16384;
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+}  // namespace
+
+// The innermost loops (csrc/cpu_loops.h) are compiled twice on x86-64, for AVX2+FMA and for the
+// baseline, and chosen at run time: AVX2+FMA runs the kernel about 1.4x faster than the SSE2
+// baseline, and the extension still runs on any x86-64 CPU.
+namespace loops_base {
+#include "cpu_loops.h"
+}  // namespace loops_base
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace loops_avx2 {
+#include "cpu_loops.h"
+}  // namespace loops_avx2
+#pragma GCC pop_options
+// EXPLAIND_FAST_CPU_BASELINE=1 forces the baseline loops (so tests can cover them on AVX2 machines).
+bool detect_avx2_fma() {
+  __builtin_cpu_init();  // we may run from a static initializer, before libgcc's own
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         std::getenv("EXPLAIND_FAST_CPU_BASELINE") == nullptr;
 }
+const bool kUseAvx2 = detect_avx2_fma();
+#define EXPLAIND_FAST_LOOP(name, ...) (kUseAvx2 ? loops_avx2::name(__VA_ARGS__) : loops_base::name(__VA_ARGS__))
+#else
+#define EXPLAIND_FAST_LOOP(name, ...) loops_base::name(__VA_ARGS__)
+const bool kUseAvx2 = false;
+#endif
+
+const char* cpu_kernel_isa() { return kUseAvx2 ? "avx2+fma" : "baseline"; }
+
+namespace {
+
+inline void fold_row(const float* J, const float* w, int64_t Q, int64_t RD, int64_t n, float* A) {
+  EXPLAIND_FAST_LOOP(fold_row_f32, J, w, Q, RD, n, A);
+}
+inline void fold_row(const uint16_t* J, const float* w, int64_t Q, int64_t RD, int64_t n, float* A) {
+  EXPLAIND_FAST_LOOP(fold_row_bf16, J, w, Q, RD, n, A);
+}
+inline void fold_row(const double* J, const double* w, int64_t Q, int64_t RD, int64_t n, double* A) {
+  EXPLAIND_FAST_LOOP(fold_row_f64, J, w, Q, RD, n, A);
+}
+inline float dot(const float* a, const float* b, int64_t n) { return EXPLAIND_FAST_LOOP(dot_f32, a, b, n); }
+inline double dot(const double* a, const double* b, int64_t n) { return EXPLAIND_FAST_LOOP(dot_f64, a, b, n); }
+inline void axpy(float b, const float* x, float* y, int64_t n) { EXPLAIND_FAST_LOOP(axpy_f32, b, x, y, n); }
+inline void axpy(double b, const double* x, double* y, int64_t n) { EXPLAIND_FAST_LOOP(axpy_f64, b, x, y, n); }
+inline float to_acc(uint16_t bits) { return loops_base::to_acc(bits); }
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+
+// The element type the kernel reads: bfloat16 as its raw bits.
+template <typename in_t>
+using raw_t = std::conditional_t<std::is_same_v<in_t, c10::BFloat16>, uint16_t, in_t>;
 
 template <typename in_t, typename acc_t>
-inline void fold_rows(const in_t* __restrict J, const acc_t* __restrict w, int64_t Q, int64_t RD,
-                      int64_t n, acc_t* __restrict A) {
-  // A[0:n] = sum_q w[q] * J[q * RD + 0:n], in the accumulation dtype, q in order.
-  const acc_t w0 = w[0];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) A[i] = w0 * static_cast<acc_t>(J[i]);
-  for (int64_t q = 1; q < Q; ++q) {
-    const acc_t wq = w[q];
-    const in_t* Jq = J + q * RD;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) A[i] += wq * static_cast<acc_t>(Jq[i]);
+struct Problem {
+  const in_t* J;  // in_t: float, double, or uint16_t (bfloat16 bits)
+  const acc_t* w;
+  const in_t* B;
+  const int64_t* off;
+  acc_t* out;
+  int64_t Q, R, D, P;
+  acc_t alpha;
+
+  int64_t next_nonempty(int64_t g, int64_t g_last) const {
+    while (g < g_last && off[g] == off[g + 1]) ++g;
+    return g;
   }
-}
+
+  // Rows [r0, r0 + nr), groups [g_first, g_last): dot-product layout for long groups.
+  void long_task(int64_t r0, int64_t nr, int64_t g_first, int64_t g_last) const {
+    std::vector<acc_t> A(kLongRowBlock * kLongChunk);
+    std::vector<acc_t> Bconv(std::is_same_v<in_t, acc_t> ? 0 : P * kLongChunk);  // upcast bf16 chunk
+    std::vector<acc_t> acc(kLongRowBlock * P, acc_t(0));                    // [row][p] of group g
+    int64_t g = next_nonempty(g_first, g_last);
+    for (int64_t c0 = off[g_first]; c0 < off[g_last]; c0 += kLongChunk) {
+      const int64_t n = std::min(kLongChunk, off[g_last] - c0);
+      for (int64_t rr = 0; rr < nr; ++rr) fold_row(J + (r0 + rr) * D + c0, w, Q, R * D, n, &A[rr * kLongChunk]);
+      const acc_t* Bc;  // row p of the chunk starts at Bc + p * b_stride
+      int64_t b_stride;
+      if constexpr (std::is_same_v<in_t, acc_t>) {
+        Bc = B + c0;
+        b_stride = D;
+      } else {
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t i = 0; i < n; ++i) Bconv[p * kLongChunk + i] = to_acc(B[p * D + c0 + i]);
+        Bc = Bconv.data();
+        b_stride = kLongChunk;
+      }
+      // Every group overlapping this chunk: add its piece; flush it to out when it ends here.
+      while (g < g_last && off[g] < c0 + n) {
+        const int64_t lo = std::max(off[g], c0) - c0, hi = std::min(off[g + 1], c0 + n) - c0;
+        for (int64_t rr = 0; rr < nr; ++rr)
+          for (int64_t p = 0; p < P; ++p) acc[rr * P + p] += dot(&A[rr * kLongChunk + lo], Bc + p * b_stride + lo, hi - lo);
+        if (off[g + 1] > c0 + n) break;  // the group continues in the next chunk
+        acc_t* dst = out + (g * R + r0) * P;
+        for (int64_t k = 0; k < nr * P; ++k) dst[k] += alpha * acc[k];
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        g = next_nonempty(g + 1, g_last);
+      }
+    }
+  }
+
+  // Rows [r0, r0 + nr), groups [g_first, g_last): AXPY layout for short groups.
+  void short_task(int64_t r0, int64_t nr, int64_t g_first, int64_t g_last) const {
+    std::vector<acc_t> A(nr * kShortChunk);   // [row][coordinate]
+    std::vector<acc_t> At(kShortChunk * nr);  // [coordinate][row]
+    std::vector<acc_t> acc(P * nr, acc_t(0));  // [p][row] of group g
+    int64_t g = next_nonempty(g_first, g_last);
+    for (int64_t c0 = off[g_first]; c0 < off[g_last]; c0 += kShortChunk) {
+      const int64_t n = std::min(kShortChunk, off[g_last] - c0);
+      for (int64_t rr = 0; rr < nr; ++rr) fold_row(J + (r0 + rr) * D + c0, w, Q, R * D, n, &A[rr * kShortChunk]);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t rr = 0; rr < nr; ++rr) At[i * nr + rr] = A[rr * kShortChunk + i];
+      while (g < g_last && off[g] < c0 + n) {
+        const int64_t lo = std::max(off[g], c0) - c0, hi = std::min(off[g + 1], c0 + n) - c0;
+        for (int64_t i = lo; i < hi; ++i) {
+          const acc_t* a = &At[i * nr];
+          for (int64_t p = 0; p < P; ++p) axpy(to_acc(B[p * D + c0 + i]), a, &acc[p * nr], nr);
+        }
+        if (off[g + 1] > c0 + n) break;
+        acc_t* dst = out + (g * R + r0) * P;
+        for (int64_t rr = 0; rr < nr; ++rr)
+          for (int64_t p = 0; p < P; ++p) dst[rr * P + p] += alpha * acc[p * nr + rr];
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        g = next_nonempty(g + 1, g_last);
+      }
+    }
+  }
+};
 
 template <typename in_t, typename acc_t>
 void accumulate_impl(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
                      const at::Tensor& offsets, at::Tensor& out, double alpha) {
   const int64_t Q = J.size(0), R = J.size(1), D = J.size(2), P = B.size(0);
   const int64_t G = offsets.numel() - 1;
-  if (G == 0 || R == 0 || P == 0) return;
-  const in_t* Jp = J.data_ptr<in_t>();
-  const in_t* Bp = B.data_ptr<in_t>();
-  const acc_t* wp = w.data_ptr<acc_t>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  acc_t* outp = out.data_ptr<acc_t>();
-  const acc_t alpha_acc = static_cast<acc_t>(alpha);
-  const int64_t RD = R * D;
-
-  // Group runs: consecutive groups whose span reaches kTaskSpan (a long group is a run by itself).
+  if (G == 0 || R == 0 || P == 0 || D == 0) return;
+  const Problem<raw_t<in_t>, acc_t> prob{reinterpret_cast<const raw_t<in_t>*>(J.data_ptr<in_t>()),
+                                         w.data_ptr<acc_t>(),
+                                         reinterpret_cast<const raw_t<in_t>*>(B.data_ptr<in_t>()),
+                                  offsets.data_ptr<int64_t>(), out.data_ptr<acc_t>(), Q, R, D, P,
+                                  static_cast<acc_t>(alpha)};
+  const int64_t* off = prob.off;
+  const bool short_groups = D < kShortGroupMeanLength * G;
+  const int64_t row_block = short_groups ? std::min(R, kShortRowBlock) : kLongRowBlock;
+  const int64_t n_row_blocks = (R + row_block - 1) / row_block;
+  // Runs of consecutive groups spanning about task_span coordinates (a long group is a run itself).
+  const int64_t threads = at::get_num_threads();
+  const int64_t task_span = std::max(
+      kLongChunk, std::min(kMaxTaskSpan, D * n_row_blocks / std::max<int64_t>(1, 8 * threads)));
   std::vector<int64_t> run_start{0};
-  for (int64_t g = 0; g < G; ++g) {
-    if (off[g + 1] - off[run_start.back()] >= kTaskSpan && g + 1 < G) run_start.push_back(g + 1);
+  for (int64_t g = 0; g + 1 < G; ++g) {
+    if (off[g + 1] - off[run_start.back()] >= task_span) run_start.push_back(g + 1);
   }
   run_start.push_back(G);
   const int64_t n_runs = static_cast<int64_t>(run_start.size()) - 1;
-  const int64_t n_row_blocks = (R + kRowBlock - 1) / kRowBlock;
 
   at::parallel_for(0, n_runs * n_row_blocks, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<acc_t> A(kRowBlock * kChunk);                          // folded J tile
-    std::vector<acc_t> Bconv(std::is_same_v<in_t, acc_t> ? 0 : P * kChunk);  // upcast B chunk
-    std::vector<acc_t> acc(kRowBlock * P);                             // current group's sums
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t run = task / n_row_blocks, rb = task % n_row_blocks;
-      const int64_t r0 = rb * kRowBlock, nr = std::min(kRowBlock, R - r0);
-      const int64_t g_first = run_start[run], g_last = run_start[run + 1];
-      int64_t g = g_first;
-      while (g < g_last && off[g] == off[g + 1]) ++g;  // empty groups contribute nothing
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t c0 = off[g_first]; c0 < off[g_last]; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, off[g_last] - c0);
-        for (int64_t rr = 0; rr < nr; ++rr) {
-          fold_rows<in_t, acc_t>(Jp + (r0 + rr) * D + c0, wp, Q, RD, n, A.data() + rr * kChunk);
-        }
-        const acc_t* Bchunk;  // row p of the chunk starts at Bchunk + p * b_stride
-        int64_t b_stride;
-        if constexpr (std::is_same_v<in_t, acc_t>) {
-          Bchunk = Bp + c0;
-          b_stride = D;
-        } else {
-          for (int64_t p = 0; p < P; ++p) {
-            const in_t* src = Bp + p * D + c0;
-            acc_t* dst = Bconv.data() + p * kChunk;
-#pragma omp simd
-            for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
-          }
-          Bchunk = Bconv.data();
-          b_stride = kChunk;
-        }
-        // Every group overlapping this chunk: add its piece, flush it when it ends here.
-        while (g < g_last && off[g] < c0 + n) {
-          const int64_t lo = std::max(off[g], c0) - c0, hi = std::min(off[g + 1], c0 + n) - c0;
-          for (int64_t rr = 0; rr < nr; ++rr) {
-            const acc_t* a = A.data() + rr * kChunk + lo;
-            for (int64_t p = 0; p < P; ++p) acc[rr * P + p] += dot(a, Bchunk + p * b_stride + lo, hi - lo);
-          }
-          if (off[g + 1] > c0 + n) break;  // group continues in the next chunk
-          acc_t* dst = outp + (g * R + r0) * P;
-          for (int64_t k = 0; k < nr * P; ++k) dst[k] += alpha_acc * acc[k];
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          ++g;
-          while (g < g_last && off[g] == off[g + 1]) ++g;
-        }
+      const int64_t r0 = rb * row_block, nr = std::min(row_block, R - r0);
+      if (short_groups) {
+        prob.short_task(r0, nr, run_start[run], run_start[run + 1]);
+      } else {
+        prob.long_task(r0, nr, run_start[run], run_start[run + 1]);
       }
     }
   });

@@ -20,6 +20,9 @@ c10::ScalarType accumulation_dtype(c10::ScalarType input_dtype);
 void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
                               const at::Tensor& offsets, const std::optional<at::Tensor>& out);
 
+// Which compiled variant of the CPU inner loops runs: "avx2+fma" or "baseline".
+const char* cpu_kernel_isa();
+
 // CPU implementation: accumulates into out (contiguous, checked by the caller).
 void path_kernel_reduce_accumulate_cpu(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
                                        const at::Tensor& offsets, at::Tensor& out, double alpha);

@@ -145,3 +145,31 @@ def test_extension_built_with_openmp():
 
     # Without OpenMP, at::parallel_for in the CPU kernel would run on one thread.
     assert load_extension().compiled_with_openmp()
+
+
+_BASELINE_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from _ops_cases import SHAPES, case, reference64
+from explaind_fast import ops
+from explaind_fast._extension import load_extension
+assert load_extension().cpu_kernel_isa() == "baseline", load_extension().cpu_kernel_isa()
+for shape in SHAPES:
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        J, w, B, offsets = case(shape, dtype, seed=11, integer=True)
+        got = ops.path_kernel_reduce(J, w, B, offsets, alpha=-2.0).double()
+        assert torch.equal(got, reference64(J, w, B, offsets, alpha=-2.0)), (shape, dtype)
+print("ok")
+"""
+
+
+def test_baseline_cpu_loops_exact():
+    """The non-AVX2 inner loops (used on CPUs without AVX2/FMA), forced in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EXPLAIND_FAST_CPU_BASELINE="1")
+    proc = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
