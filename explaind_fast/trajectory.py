@@ -6,7 +6,8 @@ A trajectory is a directory::
                              format name/version, parameter layout (names, shapes, dtypes, param
                              group of each tensor, in flat order), optimizer kind, class and constant
                              hyperparameters per group (betas, eps / momentum), checkpoint_every,
-                             dataset_size, storage dtype, and the sha256 of theta_0.safetensors.
+                             dataset_size, storage dtype, the sha256 of theta_0.safetensors, and
+                             its own checksum (``sha256`` of its other fields, canonical JSON).
     theta_0.safetensors      θ_0, flat [D].
     steps.jsonl              append-only log, one line per *stored* update s = 0..N-1:
                              ``<json>\\t<crc32 of json>``; the json names the tensor file of the
@@ -117,6 +118,12 @@ def tensor_file_bytes(tensors: Dict[str, torch.Tensor], step: Optional[int]) -> 
                               metadata=meta)
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's fields other than ``sha256`` (sorted-key JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def encode_log_line(payload: dict) -> str:
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return f"{text}\t{zlib.crc32(text.encode()):08x}\n"
@@ -168,7 +175,9 @@ class TrajectoryWriter:
         os.makedirs(self.directory, exist_ok=True)
         data = tensor_file_bytes({"theta": theta0}, None)
         sha = atomic_write(os.path.join(self.directory, INIT_FILE), data, self.fsync)
-        manifest = dict(manifest, init={"file": INIT_FILE, "sha256": sha, "bytes": len(data)})
+        manifest = json.loads(json.dumps(  # plain JSON types, so the checksum survives a reload
+            dict(manifest, init={"file": INIT_FILE, "sha256": sha, "bytes": len(data)})))
+        manifest["sha256"] = manifest_checksum(manifest)
         # The manifest goes last: a directory without it holds no trajectory yet.
         atomic_write(os.path.join(self.directory, MANIFEST),
                      (json.dumps(manifest, indent=1) + "\n").encode(), self.fsync)
@@ -347,6 +356,9 @@ class Trajectory:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: trajectory format version {manifest.get('format_version')} "
                              f"is not supported by this version (reads {FORMAT_VERSION})")
+        if manifest.get("sha256") != manifest_checksum(manifest):
+            raise CorruptTrajectoryError(f"{path}: the manifest does not match its checksum "
+                                         "(edited or corrupted)")
         entries, log_bytes = read_log(directory)
         return cls(directory, manifest, entries, log_bytes, check_on_access)
 

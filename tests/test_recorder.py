@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from explaind_fast.data import IndexedDataset, indexed_loader
 from explaind_fast.recorder import TrajectoryRecorder
-from explaind_fast.trajectory import LOG, MANIFEST, Trajectory, encode_log_line
+from explaind_fast.trajectory import (LOG, MANIFEST, Trajectory, encode_log_line,
+                                      manifest_checksum)
 
 from recorder_helpers import (N_SAMPLES, data, make_model, make_optimizer, record_run,
                               step_identity_errors)
@@ -108,6 +109,7 @@ def _rewrite(directory, edit_manifest=None, edit_entry=None):
         path = os.path.join(directory, MANIFEST)
         m = json.load(open(path))
         edit_manifest(m)
+        m["sha256"] = manifest_checksum(m)
         open(path, "w").write(json.dumps(m))
     if edit_entry:
         path = os.path.join(directory, LOG)

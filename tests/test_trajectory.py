@@ -313,6 +313,10 @@ def test_every_truncation_of_the_log_loads_its_complete_steps(recorded):
 def test_tampered_manifest(recorded):
     d, _ = recorded
     m = json.load(open(d / MANIFEST))
+    m["optimizer"]["hyper"][0]["betas"][1] = 0.99
+    open(d / MANIFEST, "w").write(json.dumps(m))
+    with pytest.raises(CorruptTrajectoryError, match="manifest does not match its checksum"):
+        Trajectory.load(d)
     m["format_version"] = 99
     open(d / MANIFEST, "w").write(json.dumps(m))
     with pytest.raises(ValueError, match="format version 99"):
