@@ -72,9 +72,9 @@ def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents:
     return acc
 
 
-def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs: int = 64
-                ) -> torch.Tensor:
-    """φ_s rows of test samples idx: Σ_q w_q J(θ(t_q)) as [m, K, D] (per-sample Jacobians).
+def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs: int = 64,
+                ks=slice(None)) -> torch.Tensor:
+    """φ_s rows of test samples idx, outputs ks: Σ_q w_q J(θ(t_q)) as [m, K_c, D].
 
     The (sample, node) pairs are evaluated max_pairs at a time in one vmap(jacrev) call
     (memory ≈ max_pairs·K·(D + A) numbers)."""
@@ -88,7 +88,8 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
     sample = torch.arange(m)[:, None].expand_as(t)[keep]
     t, w = t[keep].to(theta_s), w[keep].to(theta_s)
     tg = None if tf.targets is None else tf.targets[idx]
-    jac = vmap(jacrev(tf._single), in_dims=(0, 0, None if tg is None else 0))
+    jac = vmap(jacrev(lambda th, x, y: tf._single(th, x, y)[ks]),
+               in_dims=(0, 0, None if tg is None else 0))
     phi = None
     for a in range(0, len(sample), max(1, max_pairs)):
         sl = slice(a, a + max(1, max_pairs))

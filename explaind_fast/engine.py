@@ -241,8 +241,7 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
                 out, jd = _forward_step(ctx, th, delta, nodes, B, plan.tangent_chunk)
                 ev_jvp[s] += nodes.num_nodes * (G * (P + 1) + 1)
             else:
-                out, jd = _reverse_step(ctx, th, delta, nodes, B, plan.sample_chunk,
-                                         plan.pair_chunk)
+                out, jd = _reverse_step(ctx, th, delta, nodes, B, plan)
                 ev_jvp[s] += nodes.num_nodes * M * K
             kernel[win_of[s]] -= out[:, :P]
             reg[win_of[s]] -= out[:, P]
@@ -251,8 +250,7 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
             change[s] = float((F1 - F0).abs().max())
             bar.update(1)
     else:
-        _backward_recursion(ctx, kernel, reg, residual, change, win_of, plan.sample_chunk,
-                            plan.pair_chunk, F_at, bar)
+        _backward_recursion(ctx, kernel, reg, residual, change, win_of, plan, F_at, bar)
     bar.close()
 
     final = F_at(N)
@@ -352,23 +350,29 @@ def _forward_step(ctx, th, delta, nodes, B, chunk):
     return out[:-1].reshape(G, P1, *out.shape[1:]), out[-1]
 
 
-def _reverse_step(ctx, th, delta, nodes, B, chunk, pairs):
+def _row_chunks(M, K, plan):
+    """(test samples, outputs) slices of the reverse-mode row chunks."""
+    for a in range(0, M, plan.sample_chunk):
+        for k in range(0, K, plan.output_chunk):
+            yield slice(a, min(M, a + plan.sample_chunk)), slice(k, min(K, k + plan.output_chunk))
+
+
+def _reverse_step(ctx, th, delta, nodes, B, plan):
     groups, tf, M, K = ctx["groups"], ctx["tf"], ctx["M"], ctx["K"]
     G, P1 = groups.G, B.shape[0]
     out = torch.zeros(G, P1, M, K, dtype=th.dtype, device=th.device)
     jd = torch.zeros(M, K, dtype=th.dtype, device=th.device)
-    for a in range(0, M, chunk):
-        idx = slice(a, min(M, a + chunk))
-        phi = reverse_phi(tf, th, delta, nodes, idx, pairs)            # [m, K, D]
-        m = phi.shape[0]
-        rows = phi.reshape(m * K, -1)
-        o = segment_contract(rows, B, groups)                          # [G, m*K, P1]
-        out[:, :, idx] = o.reshape(G, m, K, P1).permute(0, 3, 1, 2)
-        jd[idx] = (rows @ delta).reshape(m, K)
+    for idx, ks in _row_chunks(M, K, plan):
+        phi = reverse_phi(tf, th, delta, nodes, idx, plan.pair_chunk, ks)   # [m, Kc, D]
+        m, kc = phi.shape[:2]
+        rows = phi.reshape(m * kc, -1)
+        o = segment_contract(rows, B, groups)                          # [G, m*Kc, P1]
+        out[:, :, idx, ks] = o.reshape(G, m, kc, P1).permute(0, 3, 1, 2)
+        jd[idx, ks] = (rows @ delta).reshape(m, kc)
     return out, jd
 
 
-def _backward_recursion(ctx, kernel, reg, residual, change, win_of, chunk, pairs, F_at, bar):
+def _backward_recursion(ctx, kernel, reg, residual, change, win_of, plan, F_at, bar):
     """Gradient-step credit: H_i = scale_i⊙φ_i + decay_{i+1}⊙H_{i+1} per test row; the
     contribution of partition p at gradient step i is −gain_i⊙G_i[p]·H_i (and the reg term
     −reg_gain_i⊙θ_i·Hreg_i). State: 2 [m_c·K, D] per row chunk; the train-side gradients are
@@ -377,8 +381,8 @@ def _backward_recursion(ctx, kernel, reg, residual, change, win_of, chunk, pairs
     dtype, device, M, K = ctx["dtype"], ctx["device"], ctx["M"], ctx["K"]
     N, G = traj.num_steps, groups.G
     ev_nodes, ev_jvp = ctx["ev"][0], ctx["ev"][1]
-    for a in range(0, M, chunk):
-        idx = slice(a, min(M, a + chunk))
+    first = True
+    for idx, ks in _row_chunks(M, K, plan):
         H = Hreg = None
         next_decay = next_reg_decay = None
         for s in reversed(range(N)):
@@ -386,27 +390,27 @@ def _backward_recursion(ctx, kernel, reg, residual, change, win_of, chunk, pairs
             delta = traj.theta(s + 1, dtype=dtype, device=device) - th
             rec = traj.step(s)
             c = traj.rule.coefficients(rec, dtype=dtype, device=device)
-            nodes = _nodes_for(ctx, s, th, delta, F_at) if a == 0 else ctx.setdefault(
-                "_nodes", {})[s]
+            nodes = _nodes_for(ctx, s, th, delta, F_at) if first else ctx["_nodes"][s]
             ctx.setdefault("_nodes", {})[s] = nodes
             ev_nodes[s] = nodes.num_nodes
-            phi = reverse_phi(tf, th, delta, nodes, idx, pairs)
-            m = phi.shape[0]
-            ev_jvp[s] += nodes.num_nodes * m * K
-            rows = phi.reshape(m * K, -1)
+            phi = reverse_phi(tf, th, delta, nodes, idx, plan.pair_chunk, ks)
+            m, kc = phi.shape[:2]
+            ev_jvp[s] += nodes.num_nodes * m * kc
+            rows = phi.reshape(m * kc, -1)
             H = c.scale * rows if H is None else c.scale * rows + next_decay * H
             Hreg = c.reg_scale * rows if Hreg is None else c.reg_scale * rows + next_reg_decay * Hreg
             next_decay, next_reg_decay = c.decay, c.reg_decay
             present, Gp = partition_gradients(ctx["fm"], th, ctx["train"], ctx["loss_fn"], rec,
                                               part.ids)
             o = segment_contract(H, c.gain[None] * Gp, groups)          # [G, m*K, U]
-            o = o.reshape(G, m, K, -1).permute(0, 3, 1, 2)              # [G, U, m, K]
+            o = o.reshape(G, m, kc, -1).permute(0, 3, 1, 2)             # [G, U, m, Kc]
             kw = kernel[win_of[s]]
-            kw[:, present.to(kw.device), idx] -= o
+            kw[:, present.to(kw.device), idx, ks] -= o
             ro = segment_contract(Hreg, (c.reg_gain * th)[None], groups)
-            reg[win_of[s], :, idx] -= ro.reshape(G, m, K)
+            reg[win_of[s], :, idx, ks] -= ro.reshape(G, m, kc)
             F0, F1 = F_at(s), F_at(s + 1)
-            residual[s, idx] = (F1 - F0)[idx] - (rows @ delta).reshape(m, K)
+            residual[s, idx, ks] = (F1 - F0)[idx, ks] - (rows @ delta).reshape(m, kc)
             change[s] = float((F1 - F0).abs().max())
-            if a == 0:
+            if first:
                 bar.update(1)
+        first = False

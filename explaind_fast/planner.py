@@ -9,7 +9,8 @@ the residual).
     reverse  cost ≈ Q·M·K·6D + M·K·(P+1)·2D
              peak ≈ b·(m_c·K·(2D + A + X·(P+1)·D + H·2D) + E + 4D)
 
-with T_c tangents per chunk, m_c test samples per row chunk, E = P·D when the update-credit
+with T_c tangents per chunk, m_c test samples per row chunk (when one sample's K rows exceed the
+budget, m_c = 1 and its outputs are split into chunks of K_c rows: K → K_c in the formula), E = P·D when the update-credit
 forward recursion keeps a per-partition state (else 0), X = 1 when the contraction falls back to an
 [R, P, D] product (more than 64 groups and no fused op), H = 1 with the backward recursion.
 Costs are FLOP-ish (a dense model's forward is ≈ 2D flops per sample); they only rank the modes.
@@ -29,6 +30,7 @@ class Plan:
     memory_budget: int
     tangent_chunk: int
     sample_chunk: int
+    output_chunk: int
     pair_chunk: int
     estimates: dict = field(default_factory=dict)
 
@@ -48,12 +50,16 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
                                  + 2 * D * int(credit == "gradient"))
     t_chunk = max(1, min(T, (budget - base) // max(per_tangent, 1)))
     m_chunk = max(1, min(M, (budget - base) // max(per_sample, 1)))
-    # (test sample, quadrature node) pairs per vmap(jacrev) call: ≈ K·(D + A) numbers each
-    pair_chunk = max(1, min(MAX_PAIRS, (budget - base) // max(itemsize * K * (D + A), 1)))
+    # when one sample's K rows do not fit, split its outputs too (rows = (sample, output))
+    k_chunk = K if per_sample <= budget - base else \
+        max(1, min(K, (budget - base) // max(per_sample // K, 1)))
+    # (test sample, quadrature node) pairs per vmap(jacrev) call: ≈ K_c·(D + A) numbers each
+    pair_chunk = max(1, min(MAX_PAIRS, (budget - base) // max(itemsize * k_chunk * (D + A), 1)))
     est = {"forward": {"cost": fwd_cost, "peak_bytes": base + per_tangent * min(T, t_chunk)},
-           "reverse": {"cost": rev_cost, "peak_bytes": base + per_sample * m_chunk},
+           "reverse": {"cost": rev_cost, "peak_bytes": base + per_sample * m_chunk * k_chunk // K},
            "tangents": T, "activations_per_sample": A}
     if mode == "auto":
         mode = "reverse" if (credit == "gradient" or rev_cost < fwd_cost) else "forward"
     return Plan(mode=mode, credit=credit, memory_budget=budget, tangent_chunk=int(t_chunk),
-                sample_chunk=int(m_chunk), pair_chunk=int(pair_chunk), estimates=est)
+                sample_chunk=int(m_chunk), output_chunk=int(k_chunk), pair_chunk=int(pair_chunk),
+                estimates=est)
