@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -152,6 +153,7 @@ def main(argv=None):
     with safe_open(os.path.join(d, step_files[-1]), framework="pt") as f:
         result["bytes_batch"] = sum(f.get_tensor(k).nbytes for k in f.keys()
                                     if k.startswith("batch_"))
+    shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=1))
     r = result
     bare_w, bare_c = r["bare"]["wall"]["median_ms"], r["bare"]["cpu"]["median_ms"]
