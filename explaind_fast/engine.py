@@ -8,6 +8,17 @@ regularisation contribution is   −φ_s(x)_j · (r_s restricted to g),   with �
 by quadrature (DESIGN.md §2). Results are contributions to the change:
 final = initial + kernel.sum() + reg.sum() (the paper's ψ is minus this).
 
+Credit (Attribution.credit): with update-step credit a training sample's contribution is booked
+at the update s where θ moved (forward recursion over E_s, one D-vector per data partition); with
+gradient-step credit it is booked at the step i whose batch produced the gradient (backward
+recursion H_i = scale_i⊙φ_i + decay_{i+1}⊙H_{i+1}, one D-vector per test row, per-sample gradients
+of one batch at a time). The two agree when the step axis is summed. data="all" is always
+update-credited and recomputes no gradient (Φ_s = −Δ_s − r_s).
+
+Limits: test_inputs is one tensor (single-input models); the model must be row-wise in the batch
+(no BatchNorm in train mode); reverse mode splits rows down to single (sample, output) rows but
+never below one row of D numbers.
+
 Peak memory (b bytes per number; see explaind_fast.planner for the symbols):
     forward mode   b·(T_c·(D + 2·M·A) + E + 4D)
     reverse mode   b·(m_c·K·(2D + A + X·(P+1)·D + H·2D) + E + 4D)
@@ -217,9 +228,11 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
     if credit == "update":
         E = torch.zeros(P, D, dtype=dtype, device=device) if per_sample_data else None
         R = torch.zeros(D, dtype=dtype, device=device)
+        th_next = theta0
         for s in range(N):
-            th = traj.theta(s, dtype=dtype, device=device)
-            delta = traj.theta(s + 1, dtype=dtype, device=device) - th
+            th = th_next                                       # each θ is read from the store once
+            th_next = traj.theta(s + 1, dtype=dtype, device=device)
+            delta = th_next - th
             if traj.checkpoint_every != 1:
                 r, R = subsampled_reg(traj, s, R, dtype, device)
             else:

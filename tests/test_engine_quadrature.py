@@ -131,3 +131,18 @@ def test_subsampled_trajectory_all_data_only():
     assert a.reg.abs().max() > 0
     with pytest.raises(ValueError, match="Remark F.3"):
         attribute(model, traj, Xte, train_data=(Xtr, Ytr), data="sample", progress=False)
+
+
+def test_float32_runs_and_reconstructs():
+    """float32 end to end (the fused op accumulates in float32): rounding-level reconstruction,
+    here ~1e-7 on outputs of size ~1, so 1e-5 is a safe bar."""
+    torch.manual_seed(0)
+    from _tiny import TinyMLP
+    model = TinyMLP("tanh").float()
+    Xtr, Ytr, Xte, Yte = mlp_data()
+    traj = train_tiny(model, Xtr.float(), Ytr, kind="adamw", steps=3)
+    for mode in ("forward", "reverse"):
+        a = attribute(model, traj, Xte.float(), train_data=(Xtr.float(), Ytr), params="tensor",
+                      data="label", steps="each", quadrature="gauss-legendre:4", mode=mode,
+                      progress=False)
+        assert a.kernel.dtype == torch.float32 and a.reconstruction_error < 1e-5

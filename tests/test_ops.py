@@ -3,6 +3,8 @@ input checks, NaN propagation, opcheck and torch.compile tracing. Oracles and to
 tests/_ops_cases.py."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _ops_cases import (SHAPES, assert_within, bad_inputs, case, reference64, rounding_bound,
                         shape_id)
@@ -18,6 +20,15 @@ def test_exact_on_integer_inputs(shape, dtype):
     got = ops.path_kernel_reduce(J, w, B, offsets)
     assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(got.double(), reference64(J, w, B, offsets))
+
+
+@settings(max_examples=60, deadline=None)
+@given(Q=st.integers(1, 4), R=st.integers(1, 24), D=st.integers(1, 700), P=st.integers(1, 20),
+       G=st.integers(1, 40), kind=st.sampled_from(["even", "random"]), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(DTYPES))
+def test_random_shapes_exact(Q, R, D, P, G, kind, seed, dtype):
+    J, w, B, offsets = case((Q, R, D, P, G, kind), dtype, seed=seed, integer=True)
+    assert torch.equal(ops.path_kernel_reduce(J, w, B, offsets).double(), reference64(J, w, B, offsets))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

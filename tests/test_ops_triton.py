@@ -56,6 +56,17 @@ def test_exact_on_integer_inputs(shape, dtype, split):
 
 
 @needs_triton_device
+@settings(max_examples=12, deadline=None)
+@given(Q=st.integers(1, 3), R=st.integers(1, 20), D=st.integers(1, 300), P=st.integers(1, 20),
+       G=st.integers(1, 12), kind=st.sampled_from(["even", "random"]), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from(DTYPES), split=st.sampled_from([None, 7, 32]))
+def test_random_shapes_exact(Q, R, D, P, G, kind, seed, dtype, split):
+    J, w, B, offsets = case((Q, R, D, P, G, kind), dtype, seed=seed, integer=True)
+    got = path_kernel_reduce_triton(*on_device(J, w, B, offsets), split=split)
+    assert torch.equal(got.cpu().double(), reference64(J, w, B, offsets))
+
+
+@needs_triton_device
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_matches_reference_within_rounding(shape, dtype):
@@ -161,3 +172,21 @@ def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["bf16"]["uses_dot"] and not results["fp32"]["uses_dot"] and not results["fp64"]["uses_dot"]
     assert all(r["cubin_bytes"] > 0 for r in results.values())
+
+
+@pytest.mark.parametrize("P,allow_dot", [(1, True), (3, True), (8, True), (16, True), (17, True),
+                                         (100, True), (1, False), (16, False), (64, False)])
+def test_gpu_autotune_configs_fit_the_shape(P, allow_dot):
+    """The GPU configs kept for a P: P blocks no wider than needed, and small 3-D tiles wherever
+    the broadcast-multiply-sum path (no tl.dot) is taken."""
+    import triton
+
+    configs = [triton.Config({"BLOCK_R": r, "BLOCK_P": p, "BLOCK_K": k}, num_warps=nw, num_stages=ns)
+               for r, p, k, nw, ns in triton_module._GPU_CONFIGS]
+    kept = triton_module._prune_configs(configs, {"P": P}, ALLOW_DOT=allow_dot)
+    assert kept
+    for c in kept:
+        br, bp, bk = c.kwargs["BLOCK_R"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_K"]
+        assert bp <= max(2, triton_module._next_pow2(P)) or bp == 16
+        if not (allow_dot and min(br, bp, bk) >= 16):
+            assert br * bp * bk <= 8192
