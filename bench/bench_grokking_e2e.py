@@ -1,0 +1,170 @@
+"""End-to-end grokking decomposition: wall time, peak memory and the planner's choice per run.
+
+    python bench/bench_grokking_e2e.py --size cpu                 # CPU size (a few minutes)
+    python bench/bench_grokking_e2e.py --size full --device cuda  # the paper's size, on a GPU
+    python bench/bench_grokking_e2e.py --size tiny                # smoke run (seconds)
+
+Trains the paper's modular-addition transformer (explaind_fast.demos, grokking presets) while
+recording, then times, on the recorded trajectory:
+
+    layers×steps   params = the paper's six layers, steps="each", data="all", all logits, with each
+                   rule in --rules (default: the engine's adaptive default, kinks:8, midpoint:100)
+    parameters     params="parameter", steps="all", data="all": per-parameter importance over the
+                   whole run (the pruning ranking), on --param-test test samples
+    decoder window the decoder's train × test matrix (data="sample", output summed) for one window of
+                   --window steps (paper: 50) in the middle of the run
+
+For each: wall time, peak memory (torch.cuda.max_memory_allocated on CUDA; on the CPU the process's
+max RSS, which only grows, so read it as an upper bound), the planner's mode and estimates, the
+reconstruction error and the worst relative quadrature residual. Writes JSON with --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import tempfile
+import time
+
+import torch
+
+
+def _peak(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _timed(name, fn, device, log):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    attr = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    row = {"run": name, "wall_s": wall, "peak_bytes": _peak(device),
+           "reconstruction_error": float(attr.reconstruction_error),
+           "max_step_residual_rel": float(attr.step_residual_relative.max()),
+           "plan": _plan_summary(attr), "evaluations": _jsonable(getattr(attr, "evaluations", None))}
+    log(f"{name:40s} {wall:9.2f} s  peak {row['peak_bytes'] / 2**20:9.1f} MiB  "
+        f"recon {row['reconstruction_error']:.2e}  plan {row['plan'].get('mode')}")
+    return row, attr
+
+
+def _plan_summary(attr):
+    plan = getattr(attr, "plan", None)
+    if plan is None:
+        return {}
+    if isinstance(plan, dict):
+        return _jsonable(plan)
+    return _jsonable({k: v for k, v in vars(plan).items() if not k.startswith("_")})
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def main(argv=None):
+    from explaind_fast import attribute
+    from explaind_fast.demos.common import train_recorded
+    from explaind_fast.demos.data import modular_addition_data
+    from explaind_fast.demos.grokking import PRESETS
+    from explaind_fast.demos.models import TRANSFORMER_LAYERS, ModularAdditionTransformer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: the preset's (float64 on the CPU)")
+    ap.add_argument("--rules", default="adaptive:1e-6,kinks:8,midpoint:100")
+    ap.add_argument("--test", type=int, default=None, help="test samples (default: the preset's)")
+    ap.add_argument("--param-test", type=int, default=8,
+                    help="test samples of the per-parameter run (its result is D·M·O numbers)")
+    ap.add_argument("--window", type=int, default=50)
+    ap.add_argument("--fine-rule", default="kinks:8",
+                    help="quadrature of the per-parameter and per-sample runs")
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    cfg = PRESETS[args.size].with_overrides(max_steps=args.max_steps, dtype=args.dtype)
+    device = torch.device(args.device)
+    dtype = getattr(torch, cfg.dtype)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+
+    data = modular_addition_data(cfg.p, cfg.n_train, cfg.n_test, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = ModularAdditionTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp,
+                                       act=cfg.act).to(device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    tx, ty = data.train_x.to(device), data.train_y.to(device)
+    vx, vy = data.test_x.to(device), data.test_y.to(device)
+    stop = None
+    if cfg.stop_at_test_acc is not None:
+        stop = lambda e: e["test_acc"] >= cfg.stop_at_test_acc and e["train_acc"] >= 1.0  # noqa
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = train_recorded(model, opt, tx, ty, vx, vy, os.path.join(tmp, "trajectory"),
+                            max_steps=cfg.max_steps, seed=cfg.seed, stop=stop, log=log,
+                            log_every=500)
+        traj, N = tr.trajectory, tr.num_steps
+        M = min(args.test or cfg.attr_test, cfg.n_test)
+        log(f"trained {N} steps in {tr.wall_s:.1f} s; final test acc {tr.history[-1]['test_acc']:.3f}; "
+            f"attributing {M} test samples × {model.vocab} logits on {device} ({cfg.dtype})")
+        common = dict(dtype=dtype, device=device, progress=False)
+        for rule in [r for r in args.rules.split(",") if r]:
+            try:
+                row, _ = _timed(f"layers×steps {rule}", lambda: attribute(
+                    model, traj, vx[:M], params=TRANSFORMER_LAYERS, data="all", steps="each",
+                    quadrature=rule, output="logits", **common), device, log)
+            except Exception as exc:  # a rule that is not available is reported, not fatal
+                row = {"run": f"layers×steps {rule}", "error": f"{type(exc).__name__}: {exc}"}
+                log(f"layers×steps {rule}: {row['error']}")
+            rows.append(row)
+        Mp = min(args.param_test, M)
+        row, _ = _timed(f"parameters×all-steps ({Mp} test)", lambda: attribute(
+            model, traj, vx[:Mp], params="parameter", data="all", steps="all",
+            quadrature=args.fine_rule, output="logits", **common), device, log)
+        rows.append(row)
+        a = max(0, N // 2 - args.window // 2)
+        b = min(N, a + args.window)
+        ones = torch.ones(1, model.vocab, dtype=dtype, device=device)
+        row, _ = _timed(f"decoder train×test steps {a}-{b}", lambda: attribute(
+            model, traj, vx[:M], train_data=(tx, ty), params={"decoder": ["decoder.*"],
+                                                              "rest": ["*"]},
+            data="sample", steps=[a, b], quadrature=args.fine_rule, output=ones,
+            credit="update", **common), device, log)
+        rows.append(row)
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "size": args.size, "p": cfg.p, "n_train": cfg.n_train, "test_samples": M,
+        "steps": N, "dtype": cfg.dtype, "training_wall_s": tr.wall_s, "runs": rows,
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
