@@ -25,7 +25,7 @@ Supported, exact: torch.optim.AdamW (Theorem 3.1), torch.optim.Adam with coupled
 enters only through the stored v), torch.optim.SGD with momentum (or none), coupled weight decay,
 dampening 0 (Corollary 3.2); param groups with their own lr and weight decay; any LR scheduler;
 full and mini batches; foreach and fused implementations (what the optimizer produced is what is
-recorded); ``clip_grad_norm_`` of this recorder (a per-step factor that folds into the sample
+recorded; tested for all three optimizers on the CPU); capturable / differentiable (same update); ``clip_grad_norm_`` of this recorder (a per-step factor that folds into the sample
 weights); ``clip_grad_value_`` of this recorder when it clamps nothing.
 
 Refused with an error saying why: other optimizer classes, amsgrad, maximize, nesterov, dampening
