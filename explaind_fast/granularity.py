@@ -268,7 +268,7 @@ def parse_output(spec, loss_fn: Optional[Callable]) -> OutputSpec:
         raise ValueError("output: a boolean is not a class index")
     if isinstance(spec, int):
         i = spec
-        return OutputSpec(lambda out, tgt: out[:, i:i + 1], [i], False, False, f"class {i}")
+        return OutputSpec(lambda out, tgt: out[:, [i]], [i], False, False, f"class {i}")
     if isinstance(spec, tuple) and len(spec) == 3 and spec[0] == "margin":
         _, i, j = spec
         return OutputSpec(lambda out, tgt: (out[:, i] - out[:, j])[:, None], [f"{i}-{j}"], False,

@@ -80,7 +80,7 @@ def test_granularity_matches_naive(mlp, mode, data, params, steps):
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 @pytest.mark.parametrize("data", ["all", "label", "sample"])
-@pytest.mark.parametrize("output", [1, "loss", ("margin", 0, 2), [2, 0]])
+@pytest.mark.parametrize("output", [1, -1, "loss", ("margin", 0, 2), [2, 0]])
 def test_outputs_match_naive(mlp, mode, data, output):
     a = run_attr(mlp, output=output, params="tensor", data=data, steps=2, mode=mode)
     assert ("output" in a.dims) == isinstance(output, list)
@@ -136,8 +136,9 @@ def test_custom_groups_and_partition(mlp):
     check(mlp, b, "logits", ids, "label", "all")
 
 
-@pytest.mark.parametrize("mode", ["forward", "reverse"])
-def test_per_sample_nodes(mlp, mode):
+@pytest.mark.parametrize("mode,output", [("forward", "logits"), ("reverse", "logits"),
+                                         ("forward", "loss")])
+def test_per_sample_nodes(mlp, mode, output):
     """[M, Q] NodeSets: each test sample split at its own breakpoint, GL-3 per piece."""
     M = mlp["Xte"].shape[0]
 
@@ -149,14 +150,18 @@ def test_per_sample_nodes(mlp, mode):
         ww = torch.cat([cut[:, None] * w, (1 - cut[:, None]) * w], 1)
         return NodeSet(t, ww)
 
-    model, traj, (Xtr, Ytr), Xte = mlp["model"], mlp["traj"], mlp["train"], mlp["Xte"]
-    nt = naive_tensor(model, traj, Xte, lambda o, t: o, None, Xtr, Ytr, ce,
-                      lambda s: rule(s, None, None))
-    a = attribute(model, traj, Xte, train_data=(Xtr, Ytr), params="tensor", data="label",
-                  steps="each", quadrature=rule, mode=mode, progress=False)
+    model, traj, (Xtr, Ytr), Xte, Yte = mlp["model"], mlp["traj"], mlp["train"], mlp["Xte"], \
+        mlp["Yte"]
+    spec = parse_output(output, ce)
+    nt = naive_tensor(model, traj, Xte, spec.h, Yte, Xtr, Ytr, ce, lambda s: rule(s, None, None))
+    a = attribute(model, traj, Xte, test_targets=Yte, train_data=(Xtr, Ytr), params="tensor",
+                  data="label", steps="each", quadrature=rule, mode=mode, output=output,
+                  progress=False)
     g = parse_params("tensor", traj.layout)
     p = parse_data("label", Xtr.shape[0], Ytr)
     k, r = nt.reduce(parse_steps("each", traj.num_steps).bounds, g.ids, g.G, p.ids, p.P)
+    if output == "loss":
+        k, r = k[..., 0], r[..., 0]
     assert (a.kernel - k).abs().max() < TOL and (a.reg - r).abs().max() < TOL
     assert a.evaluations["quadrature_nodes"].tolist() == [6] * traj.num_steps
 

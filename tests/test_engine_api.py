@@ -77,6 +77,8 @@ def test_save_load_roundtrip(full, tmp_path):
 def test_progress_bar(run, capsys):
     attr(run, progress=False)
     assert "explaind steps" not in capsys.readouterr().err
+    attr(run, progress=True)
+    assert "explaind steps" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ bad input
