@@ -152,3 +152,27 @@ def test_batchnorm_and_dropout(run):
                   progress=False)
     a = attribute(do, run["traj"], run["Xte"], quadrature="gauss-legendre:2", progress=False)
     assert a.kernel.shape == (4, 3)                       # eval mode, data="all": fine
+
+
+def test_frozen_parameter_and_indexed_loader_run(tmp_path):
+    """A run recorded by the recorder tests' loop (indexed_loader epochs, a frozen embedding that
+    is not part of θ): per-sample attribution reconstructs and matches the naive reference."""
+    import recorder_helpers as rh
+    from explaind_fast.naive_attribution import naive_tensor
+    from explaind_fast.quadrature import NodeSet, gauss_legendre
+    from explaind_fast.trajectory import Trajectory
+    model, _ = rh.record_run(str(tmp_path / "run"), kind="adamw", frozen_embed=True, epochs=1)
+    traj = Trajectory.load(str(tmp_path / "run"))
+    assert "embed.weight" not in traj.layout.names
+    X, Y = rh.data()
+    Xte = X[:3] + 0.1
+    a = attribute(model, traj, Xte, train_data=(X, Y), data="sample", params="tensor",
+                  steps="all", quadrature="gauss-legendre:8", progress=False)
+    assert a.reconstruction_error < 1e-9 and a.credit == "gradient"
+    nt = naive_tensor(model, traj, Xte, lambda o, t: o, None, X, Y,
+                      lambda o, y: F.cross_entropy(o, y, reduction="none"),
+                      lambda s: NodeSet(*gauss_legendre(8)))
+    from explaind_fast.granularity import parse_params
+    g = parse_params("tensor", traj.layout)
+    k, r = nt.reduce([(0, traj.num_steps)], g.ids, g.G, torch.arange(X.shape[0]), X.shape[0])
+    assert (a.kernel - k[0]).abs().max() < 1e-10 and (a.reg - r[0]).abs().max() < 1e-10
