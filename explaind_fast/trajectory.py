@@ -494,8 +494,11 @@ class Trajectory:
         * checkpoint_every > 1: intermediate states are not stored, so updates cannot be replayed;
           checksums, finiteness and step counters are checked and the errors are NaN.
 
-        In float32 trajectories the implied gradient carries the float32 rounding of θ_{s+1}
-        amplified by 1/(1−β1); judge moment_error against that (tests state the bounds).
+        Rounding: the implied gradient carries θ_{s+1}'s rounding (eps·|θ|) relative to the step
+        (|Δ|), amplified by 1/(1−β1), so expect moment_error up to about eps·|θ|/|Δ|/(1−β1):
+        ≲ 1e-12 for float64 runs with ordinary steps, ≲ 1e-4 for float32 runs; theta_error up
+        to a few eps·|θ| plus that times |Δ| (tests/test_recorder.py states the bounds). A
+        wrong lr, β, ε or weight decay shows as errors orders of magnitude above.
         Peak memory: about 8 float64 [D] vectors.
         """
         if model is not None:
