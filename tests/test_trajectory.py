@@ -59,6 +59,7 @@ def restored(snapshot, kind="adamw"):
 
 
 def uninterrupted(tmp_path, steps, kind="adamw"):
+    os.makedirs(tmp_path, exist_ok=True)
     model = make_model(F64)
     opt = make_optimizer(model, kind)
     with TrajectoryRecorder(model, opt, tmp_path / "ref", dataset_size=N_SAMPLES) as rec:
@@ -124,12 +125,21 @@ def test_killed_writer_leaves_every_completed_step(tmp_path):
     assert report.max_moment_error <= MOMENT_TOL
     # the stored states are those of the same run replayed here, step for step
     assert_same_trajectory(traj, uninterrupted(tmp_path, n), n)
-    # and the directory can be resumed from its last step
+    # resuming needs the optimizer state too ...
     model = make_model(F64)
     model.load_state_dict(traj.layout.unflatten(traj.theta(n)))
     with pytest.raises(ValueError, match="optimizer has no state"):
         TrajectoryRecorder(model, make_optimizer(model, "adamw"), d, dataset_size=N_SAMPLES,
                            resume=True)
+    # ... and with the checkpoint of step n (rebuilt here by replaying the run) it continues into
+    # the uninterrupted trajectory, whatever debris the kill left
+    model = make_model(F64)
+    opt = make_optimizer(model, "adamw")
+    with TrajectoryRecorder(model, opt, tmp_path / "replay") as rec:
+        train_steps(model, opt, rec, 0, n)
+    with TrajectoryRecorder(model, opt, d, dataset_size=N_SAMPLES, resume=True) as rec:
+        train_steps(model, opt, rec, n, n + 3)
+    assert_same_trajectory(Trajectory.load(d), uninterrupted(tmp_path / "long", n + 3), n + 3)
 
 
 class _Crash(Exception):
