@@ -527,6 +527,8 @@ class TrajectoryRecorder:
             mismatch("the optimizer hyperparameters", traj.hyper, self.hyper)
         if traj.checkpoint_every != self.checkpoint_every:
             mismatch("checkpoint_every", traj.checkpoint_every, self.checkpoint_every)
+        if self.dataset_size is None:   # not restated on resume: the trajectory's
+            self.dataset_size = traj.dataset_size
         if traj.dataset_size != self.dataset_size:
             mismatch("dataset_size", traj.dataset_size, self.dataset_size)
         if traj.dtype != self.dtype:

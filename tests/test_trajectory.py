@@ -414,6 +414,11 @@ def test_resume_with_optimizer_state_mismatch(tmp_path):
     m, o = restored(snaps[2])
     with pytest.raises(ValueError, match="not the last stored state"):
         TrajectoryRecorder(m, o, d, dataset_size=N_SAMPLES, resume=True)
+    m, o = restored(snaps[3])
+    with pytest.raises(ValueError, match="dataset_size differs"):
+        TrajectoryRecorder(m, o, d, dataset_size=N_SAMPLES + 1, resume=True)
+    with TrajectoryRecorder(m, o, d, resume=True) as rec:   # dataset_size taken from the manifest
+        assert rec.dataset_size == N_SAMPLES
 
 
 def test_resume_on_empty_directory_starts_new(tmp_path):
