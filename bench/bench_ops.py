@@ -4,7 +4,7 @@ present.
 
     python bench/bench_ops.py              # prints a table (the README's main command for now)
     python bench/bench_ops.py --quick      # D = 12288 instead of 98304 (a smoke run)
-    python -m pytest -q bench/bench_ops.py # the same cases as pytest-benchmark tests
+    python -m pytest -q bench/bench_ops.py # the same cases as pytest-benchmark tests (--bench-quick)
 
 Peak memory is the memory the call itself needs on top of its inputs:
   CPU   measured in a fresh subprocess: RSS high-water mark (VmHWM, reset through
@@ -187,9 +187,8 @@ if pytest is not None:
                                                                      reason="no CUDA device"))]
 
     @pytest.mark.parametrize("device", _DEVICES)
-    @pytest.mark.parametrize("case", CASES, ids=lambda c: "Q{}-R{}-D{}-P{}-G{}".format(*c))
     @pytest.mark.parametrize("impl", list(IMPLS))
-    def test_path_kernel_reduce(benchmark, impl, case, device):
+    def test_path_kernel_reduce(benchmark, impl, case, device):  # `case`: bench/conftest.py
         inputs = make_inputs(case, device)
 
         def call():

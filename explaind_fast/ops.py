@@ -51,9 +51,10 @@ def path_kernel_reduce(J, w, B, offsets, *, out=None, alpha=1.0):
     All tensors must be on one device. Every backend checks its inputs with the same C++ function
     and raises RuntimeError naming the offending argument.
 
-    Peak extra memory (besides the inputs and out): CPU, per thread
-    (8·256 + 8·P [+ 256·P for bfloat16]) accumulation-dtype scalars; CUDA, a work list of about
-    4·(D/chunk + G) int64. Non-contiguous J or B are copied once (Q·R·D resp. P·D elements).
+    Peak extra memory (besides the inputs and out): CPU, per thread at most
+    128·min(R, 512) + P·(min(R, 512) + 256) accumulation-dtype scalars of scratch; CUDA, a work
+    list of 4·(number of work items ≤ G + D/split) int64. Non-contiguous J or B are copied once
+    (Q·R·D resp. P·D elements).
     The sum order differs between backends, so results agree to rounding, not bitwise; the CUDA
     backend adds split-K partial sums with atomics, so repeated GPU runs may differ by rounding.
     """

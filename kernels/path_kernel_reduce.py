@@ -176,7 +176,11 @@ def _default_split(D, G, R, device):
         return 1024
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     target_items = max(1, (4 * sms) // max(1, -(-R // 64)))
-    return int(min(8192, max(256, _next_pow2(-(-D // target_items)))))
+    if D < 64 * G:
+        # Tiny groups: a program walks its groups one by one (latency-bound), so use more, shorter
+        # packs to keep more programs in flight.
+        target_items *= 4
+    return int(min(8192, max(64, _next_pow2(-(-D // target_items)))))
 
 
 def path_kernel_reduce_triton(J, w, B, offsets, out=None, alpha=1.0, *, split=None):
