@@ -1,5 +1,6 @@
 """The trajectory store: crash safety (killed writer, partial writes), checksums, resume/refuse,
 model checks and the read API."""
+import copy
 import json
 import os
 import signal
@@ -54,7 +55,7 @@ def restored(snapshot, kind="adamw"):
     model = make_model(F64)
     model.load_state_dict(snapshot[0])
     opt = make_optimizer(model, kind)
-    opt.load_state_dict(snapshot[1])
+    opt.load_state_dict(copy.deepcopy(snapshot[1]))   # load_state_dict may alias the tensors
     return model, opt
 
 
