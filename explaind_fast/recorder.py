@@ -74,8 +74,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .layout import ParamLayout
-from .trajectory import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, BackgroundWriter, Trajectory,
-                         TrajectoryWriter, read_log)
+from .trajectory import (FORMAT_NAME, FORMAT_VERSION, INIT_FILE, MANIFEST, BackgroundWriter,
+                         Trajectory, TrajectoryWriter, read_log)
 
 _ADAM_KINDS = ("adamw", "adam")
 
@@ -202,7 +202,9 @@ class TrajectoryRecorder:
                     "directory. It is never overwritten.")
             self._resume()
         else:
-            if os.path.isdir(self.directory) and os.listdir(self.directory):
+            # what a run killed while creating the trajectory leaves may be overwritten
+            debris = {INIT_FILE, INIT_FILE + ".tmp", MANIFEST + ".tmp"}
+            if os.path.isdir(self.directory) and set(os.listdir(self.directory)) - debris:
                 raise FileExistsError(f"'{self.directory}' is not empty and holds no trajectory; "
                                       "refusing to write into it")
             self._check_fresh_optimizer()

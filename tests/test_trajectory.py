@@ -422,6 +422,18 @@ def test_resume_with_optimizer_state_mismatch(tmp_path):
         assert rec.dataset_size == N_SAMPLES
 
 
+def test_debris_of_an_interrupted_creation_is_overwritten(tmp_path):
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "theta_0.safetensors").write_bytes(b"half")
+    (d / "manifest.json.tmp").write_bytes(b"{")
+    model = make_model(F64)
+    opt = make_optimizer(model, "adamw")
+    with TrajectoryRecorder(model, opt, d) as rec:
+        train_steps(model, opt, rec, 0, 1)
+    Trajectory.load(d).check()
+
+
 def test_resume_on_empty_directory_starts_new(tmp_path):
     model = make_model(F64)
     opt = make_optimizer(model, "adamw")
