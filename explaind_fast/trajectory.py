@@ -132,8 +132,9 @@ def encode_log_line(payload: dict) -> str:
 def read_log(directory: str) -> Tuple[List[dict], int]:
     """Complete log entries and the byte length of the valid prefix of the log.
 
-    A last line without its newline is a write cut short by a crash and is ignored. Any complete
-    line that fails its crc or does not parse is corruption: CorruptTrajectoryError.
+    A last line without its newline, or failing its crc, is a write cut short by a crash (or a
+    power loss) and is ignored. Any earlier line that fails its crc, does not parse or has the
+    wrong step number is corruption: CorruptTrajectoryError.
     """
     path = os.path.join(directory, LOG)
     if not os.path.exists(path):
@@ -154,6 +155,8 @@ def read_log(directory: str) -> Tuple[List[dict], int]:
                 entry = json.loads(text)
             except ValueError:
                 ok = False
+        if not ok and nl == len(raw) - 1:
+            break  # a damaged *last* line is what a power loss mid-append can leave: incomplete
         if not ok or entry.get("step") != len(entries):
             raise CorruptTrajectoryError(
                 f"{path}: log line {len(entries) + 1} (stored step {len(entries)}) is corrupted "

@@ -297,6 +297,14 @@ def test_corrupted_log_line(recorded):
         Trajectory.load(d)
 
 
+def test_damaged_last_log_line_is_an_incomplete_step(recorded):
+    d, _ = recorded
+    path = d / LOG
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-40] + b"\0" * 39 + b"\n")   # a power loss mid-append
+    assert Trajectory.load(d).num_steps == 5
+
+
 def test_truncated_last_log_line_is_an_incomplete_step(recorded):
     d, model = recorded
     path = d / LOG
