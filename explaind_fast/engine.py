@@ -26,8 +26,6 @@ Peak memory (b bytes per number; see explaind_fast.planner for the symbols):
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
@@ -37,7 +35,7 @@ from .contraction import TestFunction, forward_contract, reverse_phi, segment_co
     _op, _FALLBACK_LOOP_MAX_GROUPS
 from .features import FunctionalModel, TrainSet, partition_gradients, subsampled_reg
 from .granularity import parse_data, parse_output, parse_params, parse_steps
-from .planner import make_plan, DEFAULT_BUDGET
+from .planner import make_plan
 from .quadrature import NodeSet, adaptive_nodes, fixed_nodes, kink_nodeset, parse_quadrature
 from .result import Attribution
 

@@ -8,7 +8,7 @@ gradient is recomputed: Φ_s[all] = −Δ_s − r_s (the step identity).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch.func import functional_call, grad, vmap

@@ -718,18 +718,25 @@ def _scan(path, sample, lo, hi, Vlo, DVlo, Vhi, DVhi, interior_lo):
     for r in torch.nonzero(at_knot.any(1)).flatten().tolist():
         hits.append((int(sample[r]), float(lo[r])))
     cross = keep & (z0 * z1 < 0)
-    tau_d, low, has_ext = _hermite_extremum(z0, z1, m0, m1)
+    # the Hermite fit stays within (|m0 − Δz| + |m1 − Δz|)/4 of the chord, Δz = z1 − z0: only rows
+    # that this bound lets come near zero can dip, so the cubic is solved for those alone
+    dz = z1 - z0
+    slack = ((m0 - dz).abs() + (m1 - dz).abs()) / 4
     scale = torch.maximum(z0.abs(), z1.abs())
-    dip = keep & (((z0 * z1 > 0) & has_ext & (low < 0.1 * scale)) | ((z0 == 0) & (m0 * z1 < 0)))
-    tau_r = _hermite_root(z0, z1, m0, m1)
-    r, k = torch.nonzero(cross, as_tuple=True)
-    span = (hi - lo)[r]
-    brackets = [(sample[r], i1[r, k], i2[r, k], wb[r, k], ws[r, k], lo[r], hi[r], z0[r, k],
-                 lo[r] + span * tau_r[r, k].to(torch.float64))]
-    r, k = torch.nonzero(dip, as_tuple=True)
+    maybe = keep & ~cross & (torch.minimum(z0.abs(), z1.abs()) - slack < 0.1 * scale)
+    r, k = torch.nonzero(maybe, as_tuple=True)
+    a0, a1, b0, b1 = z0[r, k], z1[r, k], m0[r, k], m1[r, k]
+    tau_d, low, has_ext = _hermite_extremum(a0, a1, b0, b1)
+    dip = ((a0 * a1 > 0) & has_ext & (low < 0.1 * scale[r, k])) | ((a0 == 0) & (b0 * a1 < 0))
+    r, k, tau_d = r[dip], k[dip], tau_d[dip]
     span = (hi - lo)[r]
     probes = (sample[r], i1[r, k], i2[r, k], wb[r, k], ws[r, k], lo[r], hi[r], z0[r, k],
-              z1[r, k], lo[r] + span * tau_d[r, k].to(torch.float64))
+              z1[r, k], lo[r] + span * tau_d.to(torch.float64))
+    r, k = torch.nonzero(cross, as_tuple=True)
+    tau_r = _hermite_root(z0[r, k], z1[r, k], m0[r, k], m1[r, k])
+    span = (hi - lo)[r]
+    brackets = [(sample[r], i1[r, k], i2[r, k], wb[r, k], ws[r, k], lo[r], hi[r], z0[r, k],
+                 lo[r] + span * tau_r.to(torch.float64))]
     return hits, brackets, probes
 
 

@@ -11,7 +11,7 @@ is minus this). Memory: N·D·n·M·K float64 numbers for each of the two credit
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch.func import functional_call

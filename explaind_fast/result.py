@@ -6,7 +6,7 @@ Sign convention: every number is a contribution to the *change* of the output, s
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 

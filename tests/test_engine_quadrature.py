@@ -8,7 +8,6 @@ inexact one leaves a truncation error of the size of the next Taylor term (> 1e-
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from _tiny import DT, tiny_mlp_run, tiny_transformer_run, train_tiny, mlp_data
 from explaind_fast.engine import attribute

@@ -184,3 +184,21 @@ def test_baseline_cpu_loops_exact():
     proc = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@_CUDA
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_backend_exact_and_opcheck(dtype):
+    """The op on CUDA tensors dispatches to the Triton kernel (registered from explaind_fast.ops)."""
+    for shape in SHAPES:
+        J, w, B, offsets = case(shape, dtype, seed=11, integer=True)
+        got = ops.path_kernel_reduce(J.cuda(), w.cuda(), B.cuda(), offsets.cuda(), alpha=-2.0)
+        assert got.is_cuda and torch.equal(got.cpu().double(), reference64(J, w, B, offsets, alpha=-2.0))
+    J, w, B, offsets = (t.cuda() for t in case((2, 5, 100, 3, 4, "random"), dtype, seed=6))
+    torch.library.opcheck(torch.ops.explaind_fast.path_kernel_reduce.default, (J, w, B, offsets, 0.5))
+    out = torch.zeros(4, 5, 3, dtype=w.dtype, device="cuda")
+    torch.library.opcheck(torch.ops.explaind_fast.path_kernel_reduce_accumulate.default,
+                          (J, w, B, offsets, out, 0.5))

@@ -63,7 +63,8 @@ class GrokkingConfig:
     attr_test: int = 2000                      # test samples attributed (all logits each)
     dtype: str = "float64"
     rules: Tuple[str, ...] = TABLE1_RULES
-    figure_rule: str = "adaptive:1e-6"        # rule of the Figure 3a/4/5 attributions
+    figure_rule: str = "kinks:8"              # rule of the Figure 3a/4/5 attributions (exact
+    #                                            on ReLU models: splits each step at the kinks)
     figure3_window: int = 10                   # step window of Figure 3a (1 = every step)
     influence_windows: int = 3                 # windows of Figures 4/5
     influence_window_len: Optional[int] = None  # default: about 2.6% of the run (paper: 50/1939)
@@ -82,17 +83,19 @@ PRESETS: Dict[str, GrokkingConfig] = {
              "recorded step is attributed, all 2000 test samples, all 115 logits."),
     "cpu": GrokkingConfig(
         name="CPU size (NOT the paper's size)",
-        p=43, n_train=800, n_test=146, lr=3e-3, max_steps=400, attr_test=64,
-        figure3_window=2,
-        note="CPU size, NOT the paper's: p = 43 (paper 113), 800 train / 146 test pairs (paper "
-             "4000 / 2000), lr 3e-3 (paper 1e-3) so that it groks in a few hundred steps, 64 "
-             "test samples attributed (paper 2000); the architecture (d_model 64, 4×16 heads, "
-             "MLP 512, ReLU), betas and weight decay 4.0 are the paper's."),
+        p=23, n_train=230, n_test=46, lr=1e-2, max_steps=40, stop_at_test_acc=None,
+        attr_test=16, figure3_window=1, figure_rule="kinks:4",
+        note="CPU size, NOT the paper's: p = 23 (paper 113), 230 train / 46 test pairs (paper "
+             "4000 / 2000), lr 1e-2 (paper 1e-3) and only 40 steps — memorisation has begun, "
+             "there is no grokking at this size (the paper needs ~1939 steps; `--full` trains to "
+             "grokking) — and 16 test samples attributed (paper 2000). The architecture (d_model "
+             "64, 4 heads of 16, MLP 512, ReLU, no positional encoding, no layer norm), the betas "
+             "and weight decay 4.0 are the paper's. Every step is recorded and attributed."),
     "tiny": GrokkingConfig(
         name="tiny (smoke test)",
         p=7, n_train=20, n_test=8, d_model=8, n_heads=2, d_head=4, d_mlp=16, lr=1e-2,
         max_steps=6, stop_at_test_acc=None, attr_test=4,
-        rules=("midpoint:10", "gauss-legendre:4", "adaptive:1e-6"), figure3_window=1,
+        rules=("gauss-legendre:2", "kinks:4"), figure_rule="kinks:2", figure3_window=1,
         influence_windows=2, influence_window_len=2,
         note="Tiny smoke-test size; its numbers mean nothing about grokking."),
 }
