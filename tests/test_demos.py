@@ -1,0 +1,177 @@
+"""Tests of the demos: datasets, models, report helpers (pruning masks, KL, windows) and an end-to-end
+smoke run of each demo at its tiny size through the command line.
+
+Tolerances: float64 throughout. The smoke runs use the kink-splitting rule, which is exact on the
+piecewise-smooth ReLU / max-pool models up to rounding: its reconstruction error is a sum of ~10^2
+float64 terms of size ≤ 10 per step, so 1e-10 is a loose bound that a quadrature error (≥ 1e-6 for
+any fixed rule on these models) could not meet.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from explaind_fast.demos.data import digits_data, modular_addition_data
+from explaind_fast.demos.models import (CNN_LAYERS, TRANSFORMER_LAYERS, DigitsCNN,
+                                        ModularAdditionTransformer)
+from explaind_fast.demos.report import (kl_divergence, markdown_table, pruning_mask,
+                                        reconstruction_metrics)
+
+
+# ---------------------------------------------------------------------------------------- data
+def test_modular_addition_data_pairs_labels_and_split():
+    d = modular_addition_data(p=11, n_train=40, n_test=20, seed=3)
+    for x, y in ((d.train_x, d.train_y), (d.test_x, d.test_y)):
+        assert x.dtype == torch.int64 and x.shape[1] == 4
+        assert bool((x[:, 0] >= x[:, 2]).all())                     # a ≥ b
+        assert bool((x[:, 1] == 11).all()) and bool((x[:, 3] == 12).all())   # [+], [=]
+        assert torch.equal(y, (x[:, 0] + x[:, 2]) % 11)
+    pairs = lambda x: {(int(a), int(b)) for a, _, b, _ in x}          # noqa: E731
+    assert len(pairs(d.train_x)) == 40 and len(pairs(d.test_x)) == 20
+    assert not pairs(d.train_x) & pairs(d.test_x)                   # disjoint
+    again = modular_addition_data(p=11, n_train=40, n_test=20, seed=3)
+    assert torch.equal(again.train_x, d.train_x)                    # seeded
+    other = modular_addition_data(p=11, n_train=40, n_test=20, seed=4)
+    assert not torch.equal(other.train_x, d.train_x)
+
+
+def test_modular_addition_data_paper_size_and_errors():
+    d = modular_addition_data()                                     # p=113, 4000 / 2000
+    assert d.train_x.shape == (4000, 4) and d.test_x.shape == (2000, 4)
+    with pytest.raises(ValueError, match="at most the 66 pairs"):
+        modular_addition_data(p=11, n_train=60, n_test=10)
+
+
+def test_digits_data_scaled_and_disjoint():
+    d = digits_data(n_train=100, n_test=50, seed=1, dtype=torch.float64)
+    assert d.train_x.shape == (100, 1, 8, 8) and d.test_x.dtype == torch.float64
+    assert float(d.train_x.min()) >= 0.0 and float(d.train_x.max()) == 1.0
+    tr = {tuple(r.flatten().tolist()) for r in d.train_x}
+    te = [tuple(r.flatten().tolist()) for r in d.test_x]
+    # the split is by index; duplicate images in the dataset are possible but rare
+    assert sum(t in tr for t in te) <= 2
+    with pytest.raises(ValueError, match="1797"):
+        digits_data(n_train=1700, n_test=200)
+
+
+# -------------------------------------------------------------------------------------- models
+def _full_sequence_reference(m: ModularAdditionTransformer, tokens):
+    """Textbook one-layer transformer over all positions (no mask), logits at the last token."""
+    x = m.embed(tokens)
+    B, T, _ = x.shape
+    h, dh = m.attn.n_heads, m.attn.d_head
+    q = m.attn.q(x).view(B, T, h, dh).transpose(1, 2)
+    k = m.attn.k(x).view(B, T, h, dh).transpose(1, 2)
+    v = m.attn.v(x).view(B, T, h, dh).transpose(1, 2)
+    z = F.scaled_dot_product_attention(q, k, v)
+    x = x + m.attn.o(z.transpose(1, 2).reshape(B, T, h * dh))
+    x = x + m.mlp.linear2(F.relu(m.mlp.linear1(x)))
+    return m.decoder(x)[:, -1]
+
+
+def test_transformer_paper_size_and_last_token_equivalence():
+    torch.manual_seed(0)
+    m = ModularAdditionTransformer().double()
+    assert sum(p.numel() for p in m.parameters()) == 97331          # DESIGN.md §6
+    d = modular_addition_data(p=113, n_train=16, n_test=0)
+    out = m(d.train_x)
+    assert out.shape == (16, 115)
+    torch.testing.assert_close(out, _full_sequence_reference(m, d.train_x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="act must be one of"):
+        ModularAdditionTransformer(act="tanh")
+
+
+def test_layer_patterns_cover_every_parameter_once():
+    import fnmatch
+    for model, layers in ((ModularAdditionTransformer(p=7, d_mlp=8), TRANSFORMER_LAYERS),
+                          (DigitsCNN(), CNN_LAYERS)):
+        for name, _ in model.named_parameters():
+            hits = [g for g, pats in layers.items() if any(fnmatch.fnmatchcase(name, p)
+                                                           for p in pats)]
+            assert len(hits) == 1, (name, hits)
+
+
+def test_digits_cnn_shapes_and_bad_input():
+    m = DigitsCNN()
+    assert m(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    with pytest.raises(ValueError, match=r"\[batch, 1, 8, 8\]"):
+        m(torch.zeros(3, 8, 8))
+
+
+# ------------------------------------------------------------------------------ report helpers
+def test_pruning_mask_keeps_top_scores_and_output_layer():
+    scores = torch.tensor([5.0, 1.0, 3.0, 3.0, 0.5, 9.0, 0.0, 2.0])
+    prunable = torch.tensor([True] * 6 + [False] * 2)               # last two: "output layer"
+    keep = pruning_mask(scores, prunable, 0.5)                      # keep 3 of 6 prunable
+    assert keep.tolist() == [True, False, True, False, False, True, True, True]
+    # tie between indices 2 and 3 at the cut goes to the lower index (deterministic)
+    assert pruning_mask(scores, prunable, 0.0).all()
+    k99 = pruning_mask(torch.arange(1000.0), torch.ones(1000, dtype=torch.bool), 0.99)
+    assert int(k99.sum()) == 10 and bool(k99[-10:].all())
+    with pytest.raises(ValueError, match="sparsity"):
+        pruning_mask(scores, prunable, 1.0)
+    with pytest.raises(ValueError, match="bool"):
+        pruning_mask(scores, prunable.int(), 0.5)
+
+
+def test_kl_and_reconstruction_metrics():
+    a = torch.tensor([[0.0, 0.0], [1.0, -1.0]], dtype=torch.float64)
+    assert kl_divergence(a, a) == 0.0
+    b = torch.tensor([[math.log(3.0), 0.0], [1.0, -1.0]], dtype=torch.float64)
+    # row 0: KL(½,½ ‖ ¾,¼) = ½ ln(2/3) + ½ ln 2 ; row 1: 0
+    expect = 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert kl_divergence(a, b) == pytest.approx(expect, rel=1e-12)
+    final = torch.tensor([[0.0, 0.1], [1.0, -1.0]], dtype=torch.float64)
+    m = reconstruction_metrics(b, final)              # row 0 argmax differs, row 1 agrees
+    assert m["accuracy"] == 0.5 and m["max_abs_error"] == pytest.approx(math.log(3.0))
+    assert m["kl"] > 0
+    with pytest.raises(ValueError, match="shapes differ"):
+        kl_divergence(a, a[:1])
+    assert "| 1.5 |" in markdown_table([{"x": 1.5}], ["x"])
+
+
+def test_grokking_windows_and_order():
+    from explaind_fast.demos.grokking import _order_by_sum_mod, _windows
+    assert _windows(1939, 3, 50) == [(169, 219), (1041, 1091), (1817, 1867)]
+    w = _windows(10, 3, 4)
+    assert all(0 <= a < b <= 10 and b - a == 4 for a, b in w)
+    assert all(w[i][1] <= w[i + 1][0] for i in range(len(w) - 1))   # disjoint, ordered
+    x = torch.tensor([[3, 5, 2, 6], [4, 5, 0, 6], [1, 5, 1, 6], [4, 5, 4, 6]])
+    order = _order_by_sum_mod(x, 5)                                 # sums 5,4,2,8 → mod 0,4,2,3
+    assert order.tolist() == [0, 2, 3, 1]
+
+
+# --------------------------------------------------------------------------------- smoke runs
+def _runs(path):
+    with open(path) as f:
+        return {r["run"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("demo,files", [
+    ("grokking", ["report.md", "table1.csv", "table1.png", "figure3a.csv", "figure3a.png",
+                  "influence_windows.png", "similarity_decoder.png", "similarity_linear2.png",
+                  "training.csv", "runs.csv"]),
+    ("digits-cnn", ["report.md", "table1_sgd.csv", "table1_adamw.csv", "pruning_sgd.csv",
+                    "pruning_adamw.csv", "pruning_sgd.png", "pruning_adamw.png", "runs.csv"]),
+])
+def test_demo_smoke_tiny(tmp_path, capsys, demo, files):
+    from explaind_fast.cli import main
+    out = tmp_path / demo
+    assert main(["demo", demo, "--tiny", "--out", str(out)]) == 0
+    for f in files:
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed and "reconstruction error" in printed
+    runs = _runs(out / "runs.csv")
+    exact = [r for name, r in runs.items() if "kinks" in name and "table1" in name]
+    assert exact, runs.keys()
+    for r in exact:                       # the kink-splitting rule reconstructs exactly
+        assert float(r["reconstruction_error"]) < 1e-10, r
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[2].startswith("**Size: tiny")
+    assert "Reconstruction error" in report
