@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="test samples attributed (grokking; digits-cnn: Table 1 images)")
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("--progress", action="store_true", help="show tqdm progress bars")
+    demo.add_argument("--train-only", action="store_true",
+                      help="grokking: train and record only (accuracy curves, steps to grok)")
     return ap
 
 
@@ -76,7 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             n_train = max(1, min(total - 2, round(share * total)))
             cfg = cfg.with_overrides(n_train=n_train, n_test=min(base.n_test, total - n_train),
                                      name=cfg.name + f", p={cfg.p}")
-        summary = grokking.run(out, cfg, device=args.device, progress=args.progress)
+        summary = grokking.run(out, cfg, device=args.device, progress=args.progress,
+                               train_only=args.train_only)
     else:
         from .demos import digits_cnn
         cfg = digits_cnn.PRESETS[size].with_overrides(

@@ -201,7 +201,7 @@ def _one_run(kind: str, cfg: DigitsConfig, data, out_dir: str, rep: ReportWriter
 def run(out_dir: str, config: DigitsConfig, *, device: Optional[str] = None,
         progress: bool = False, log=print) -> Dict[str, object]:
     """Both runs (SGD-momentum, AdamW), their Table 1 and pruning analogues, report in out_dir."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     cfg = config
     dtype = getattr(torch, cfg.dtype)
     dev = torch.device(device or "cpu")
@@ -228,7 +228,8 @@ def run(out_dir: str, config: DigitsConfig, *, device: Optional[str] = None,
          f"{r['final_test_acc']:.3f}" for r in results] + [
         f"- dtype {cfg.dtype}; device {dev} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads); torch {torch.__version__}",
-        f"- wall time: total {wall:.1f} s",
+        f"- wall time: total {wall:.1f} s; process CPU time {time.process_time() - cpu_start:.1f} s;"
+        f" load average at the end {os.getloadavg()[0]:.1f} (the machine may be shared)",
     ]
     for r in results:
         cols = ["rule", "accuracy", "kl", "max_abs_error", "max_step_residual_rel"] + \
