@@ -320,6 +320,10 @@ class TrajectoryRecorder:
         if self._background is not None and self._background.error is not None:
             self._failed = f"a background write failed: {self._background.error!r}"
             self._background.raise_if_failed()
+        if args or kwargs.get("closure") is not None:
+            raise RuntimeError("optimizer.step(closure) is not supported while recording: the "
+                               "closure computes gradients inside the step, after the recorder's "
+                               "checks; call backward() before optimizer.step()")
         if self._batch is None:
             raise RuntimeError("call recorder.set_batch(indices) before every optimizer.step(): "
                                "the trajectory must know which samples formed the batch")

@@ -334,6 +334,21 @@ def test_step_without_batch_or_gradient_refused(tmp_path):
         opt.step()
 
 
+def test_step_with_closure_refused(tmp_path):
+    model, opt = _setup(tmp_path)
+    rec = TrajectoryRecorder(model, opt, tmp_path / "t")
+    X, Y = data(F64)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), Y)
+        loss.backward()
+        return loss
+    rec.set_batch(torch.arange(N_SAMPLES))
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step(closure)
+
+
 def test_set_batch_validation(tmp_path):
     model, opt = _setup(tmp_path)
     rec = TrajectoryRecorder(model, opt, tmp_path / "t", dataset_size=N_SAMPLES)
