@@ -175,3 +175,22 @@ def test_demo_smoke_tiny(tmp_path, capsys, demo, files):
     report = (out / "report.md").read_text()
     assert report.splitlines()[2].startswith("**Size: tiny")
     assert "Reconstruction error" in report
+
+
+def test_full_presets_are_the_papers_settings():
+    from explaind_fast.demos import grokking
+    c = grokking.PRESETS["full"]
+    assert (c.p, c.n_train, c.n_test, c.d_model, c.n_heads, c.d_head, c.d_mlp, c.act) == \
+        (113, 4000, 2000, 64, 4, 16, 512, "relu")
+    assert (c.lr, c.betas, c.weight_decay, c.attr_test, c.stop_at_test_acc) == \
+        (1e-3, (0.98, 0.99), 4.0, 2000, 1.0)
+
+
+def test_cli_rules_shorthand_and_bad_demo():
+    from explaind_fast.cli import _rules, build_parser
+    assert _rules("midpoint:10, gauss-legendre:2,4,8,kinks:8") == (
+        "midpoint:10", "gauss-legendre:2", "gauss-legendre:4", "gauss-legendre:8", "kinks:8")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "mnist"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "grokking", "--full", "--tiny"])

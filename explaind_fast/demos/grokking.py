@@ -193,7 +193,7 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
                         max_residual=r["max_step_residual"],
                         max_residual_rel=r["max_step_residual_rel"], wall_s=r["wall_s"])
     write_csv(os.path.join(out_dir, "table1.csv"), rows)
-    eval_key = next((k for k in ("evals_jvp", "evals_nodes") if rows and k in rows[0]), None)
+    eval_key = None
     ok_rows = [r for r in rows if not r.get("note")]
     if ok_rows:
         eval_key = next((k for k in ok_rows[0] if k.startswith("evals_")), None)
