@@ -320,7 +320,8 @@ class TrajectoryRecorder:
         if self._background is not None and self._background.error is not None:
             self._failed = f"a background write failed: {self._background.error!r}"
             self._background.raise_if_failed()
-        if args or kwargs.get("closure") is not None:
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
+        if closure is not None:
             raise RuntimeError("optimizer.step(closure) is not supported while recording: the "
                                "closure computes gradients inside the step, after the recorder's "
                                "checks; call backward() before optimizer.step()")
