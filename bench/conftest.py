@@ -10,7 +10,7 @@ def pytest_addoption(parser):
 
 
 def pytest_generate_tests(metafunc):
-    if "case" in metafunc.fixturenames:
+    if metafunc.module.__name__.endswith("bench_ops") and "case" in metafunc.fixturenames:
         from bench_ops import CASES, QUICK_CASES
 
         cases = QUICK_CASES if metafunc.config.getoption("--bench-quick") else CASES
