@@ -241,7 +241,7 @@ void accumulate_impl(const at::Tensor& J, const at::Tensor& w, const at::Tensor&
                      const at::Tensor& offsets, at::Tensor& out, double alpha) {
   const int64_t Q = J.size(0), R = J.size(1), D = J.size(2), P = B.size(0);
   const int64_t G = offsets.numel() - 1;
-  if (G == 0 || R == 0 || P == 0 || D == 0) return;
+  if (Q == 0 || G == 0 || R == 0 || P == 0 || D == 0) return;  // an empty sum adds nothing
   const Problem<raw_t<in_t>, acc_t> prob{reinterpret_cast<const raw_t<in_t>*>(J.data_ptr<in_t>()),
                                          w.data_ptr<acc_t>(),
                                          reinterpret_cast<const raw_t<in_t>*>(B.data_ptr<in_t>()),

@@ -210,8 +210,8 @@ def path_kernel_reduce_triton(J, w, B, offsets, out=None, alpha=1.0, *, split=No
     acc_dtype = w.dtype
     if out is None:
         out = torch.zeros((G, R, P), dtype=acc_dtype, device=J.device)
-    if G == 0 or R == 0 or P == 0 or D == 0:
-        return out
+    if Q == 0 or G == 0 or R == 0 or P == 0 or D == 0:
+        return out  # an empty sum adds nothing
     J = J.contiguous()
     B = B.contiguous()
     w = w.contiguous()

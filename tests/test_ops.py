@@ -97,6 +97,10 @@ def test_zero_sized_dimensions():
     assert out.shape == (2, 0, 3)
     out = ops.path_kernel_reduce(torch.zeros(2, 4, 0), torch.ones(2), torch.ones(3, 0), torch.tensor([0, 0]))
     assert torch.equal(out, torch.zeros(1, 4, 3))
+    # Q = 0: the quadrature sum is empty, so nothing is added (even where B is NaN).
+    B = torch.full((3, 5), float("nan"))
+    out = ops.path_kernel_reduce(torch.zeros(0, 4, 5), torch.ones(0), B, torch.tensor([0, 2, 5]))
+    assert torch.equal(out, torch.zeros(2, 4, 3))
 
 
 def test_non_contiguous_inputs():

@@ -103,6 +103,15 @@ def test_nan_and_inf_propagate(dtype):
 
 
 @needs_triton_device
+def test_zero_sized_dimensions():
+    B = torch.full((3, 5), float("nan"))
+    out = path_kernel_reduce_triton(*on_device(torch.zeros(0, 4, 5), torch.ones(0), B, torch.tensor([0, 2, 5])))
+    assert torch.equal(out.cpu(), torch.zeros(2, 4, 3))  # Q = 0: empty sum
+    out = path_kernel_reduce_triton(*on_device(torch.zeros(2, 0, 5), torch.ones(2), B, torch.tensor([0, 5])))
+    assert out.shape == (1, 0, 3)
+
+
+@needs_triton_device
 def test_bad_inputs_raise_the_shared_check_errors():
     good, cases = bad_inputs(torch.float32)
     for change, message in cases:
