@@ -385,7 +385,8 @@ def test_taper_gives_short_pieces_fewer_nodes():
     m = nodes_per_piece(L, 3, 0.1)
     assert m.tolist() == [3, 3, 2, 2, 1]
     # the model's promise: L^(2m+1) ρ^(2m) ≤ ρ^(2n) for the chosen m, violated for m − 1 ≥ 1
-    ok = L ** (2 * m + 1) * 0.1 ** (2 * m) <= 0.1 ** 6 * (1 + 1e-12)
+    md = m.to(DT)
+    ok = L ** (2 * md + 1) * 0.1 ** (2 * md) <= 0.1 ** 6 * (1 + 1e-12)
     assert bool(ok.all())
     ns = nodes_from_breakpoints([torch.tensor([0.3, 0.4], dtype=DT)], 3, taper=0.1)
     assert int((ns.w != 0).sum()) == 2 + 2 + 3          # pieces 0.3, 0.1, 0.6
