@@ -19,21 +19,30 @@ For every test sample this module finds the breakpoints t ∈ (0, 1):
    probed with one extra evaluation.
 3. **Polish.** Each bracket is refined by safeguarded Newton iterations (falls back to bisection),
    evaluating that sample at its own t (``vmap`` over per-row parameters θ_s + tΔ_s), to
-   ``tol_t`` (1e-14 by default) in t.
+   ``tol_t`` (1e-14 by default) in t. For a max (max-pool, torch.max over a dim) every pair of
+   candidates of a window is a switching function, and a root is kept only where one of the pair
+   is the window's maximum (a real change of the argmax).
+4. **Verify.** Downstream of a kink a switching function is only piecewise smooth inside its grid
+   cell (ReLU after ReLU, max-pool after conv+ReLU), where the dip test is not trustworthy. Every
+   cell holding kinks is re-scanned piece by piece, with one-sided values just inside each piece,
+   until no piece reveals a new kink. Cells without kinks are smooth for every unit.
 
 Only breakpoints strictly inside (0, 1) split the interval; ones closer than ``merge_tol`` are merged.
 A unit that touches zero without crossing creates no breakpoint (the integrand is continuous there).
 Switching functions are continuous in t even when upstream units switch (compositions of continuous
-maps), so brackets always hold a root; only the Hermite dip test assumes smoothness inside a cell.
+maps), so brackets always hold a root.
 
-Known limits (the quadrature residual certifies every step and shows them): a unit crossing twice
-inside one grid cell with a dip the Hermite test does not flag; a max-pool window whose maximum
-changes hands more than once inside one cell between non-argmax candidates.
+Known limits (the quadrature residual certifies every step and shows them): a dip through zero
+that the cubic Hermite fit of a kink-free cell does not flag (its depth below the fit's error);
+kinks closer than ``side`` (1e-11) to another kink; max-type ops with more than
+:data:`PAIRWISE_MAX_CANDIDATES` candidates use differences to the cell-start argmax only.
 
-Cost: ``grid + 1`` batched forward-mode passes over the M samples, plus about two single-sample
-forward-mode passes per breakpoint. Peak memory: (grid + 1)·M·K floats for the switching values
-(K = switching units per sample, e.g. positions × MLP width) plus ``chunk``·D floats for the
-per-row parameter vectors of the polishing step.
+Cost: ``grid + 1`` batched forward-mode passes over the M samples, plus about one to two
+single-sample forward-mode passes per breakpoint to polish it and two to verify its pieces
+(measured 2–4 per breakpoint, bench/bench_kinks.py). Peak memory: (grid + 1)·M·K floats for the
+switching values (K = switching values per sample, e.g. MLP width, or candidates of all max-pool
+windows) plus ``chunk_elems`` floats for the per-row parameter vectors θ_s + tΔ_s of the vmapped
+single-sample passes.
 
 Sign convention (of the quantities these nodes integrate): contributions to the *change*,
 final = initial + kernel.sum() + reg.sum(); the paper's ψ is minus this.
@@ -43,9 +52,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap

@@ -11,7 +11,6 @@ Oracles and tolerances (float64 throughout):
   leaves > 1e-5 here, which shows the tests can fail.
 * For a direction v ≠ Δ the two-layer model's ∫ J·v dt is integrated in closed form per unit.
 """
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp, vmap
 
-from explaind_fast.kinks import (Kinks, find_kinks, kink_nodes, nodes_from_breakpoints,
+from explaind_fast.kinks import (find_kinks, kink_nodes, nodes_from_breakpoints,
                                  quadrature_residual)
 from explaind_fast.layout import ParamLayout
 from explaind_fast.quadrature import NodeSet, gauss_legendre
