@@ -61,9 +61,9 @@ model's θ (and, Adam-type, the optimizer's step count and v) equal the last sto
 restoring the checkpoint that corresponds to the last stored update. ``resume=True`` on an empty or
 missing directory starts a new trajectory.
 
-Peak extra memory while recording: one flat copy of θ (to detect changes between steps), plus at a
-stored step θ_{s+1}, v (and m) flat copies and their serialised bytes: about (3 + 2·[m stored])·D
-elements of the storage dtype.
+Peak extra memory while recording, in elements of the storage dtype: the previous θ (kept to detect
+changes between steps) and, while a step is written, θ_{s+1}, v (and m) and their serialised
+bytes: about 5·D (7·D with m); with write_behind add 2·D (3·D) per queued step (at most 3).
 """
 from __future__ import annotations
 
