@@ -427,7 +427,7 @@ class _Path:
                 continue
             parts.append(z.movedim(b[2], 0).reshape(B, -1))
         if not parts:
-            return torch.zeros(B, 0, dtype=self.theta.dtype)
+            return torch.zeros(B, 0, dtype=self.theta.dtype, device=self.theta.device)
         return torch.cat(parts, dim=1)
 
     # --- evaluations -------------------------------------------------------------------------
@@ -435,10 +435,10 @@ class _Path:
         """Values and t-derivatives [M, K] of all switching functions at a shared t."""
         def f(tt):
             return self._flat(self._capture(tt, self.inputs).switches, self.M)
-        t0 = torch.tensor(float(t), dtype=self.theta.dtype)
+        t0 = torch.tensor(float(t), dtype=self.theta.dtype, device=self.theta.device)
         z, dz = jvp(f, (t0,), (torch.ones_like(t0),))
         self.shared_evals += 1
-        return z, dz
+        return z.cpu(), dz.cpu()  # the search itself runs on the CPU (M·K values, small)
 
     def rows(self, sample: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Values and t-derivatives [R, K] of all switching functions of sample[r] at t[r]."""
@@ -453,10 +453,11 @@ class _Path:
 
         for a in range(0, R, step):
             idx = sample[a:a + step]
-            xs = tuple(x[idx] for x in self.inputs)
-            z, dz = vmap(one)(t[a:a + step].to(self.theta.dtype), *xs)
-            out_z.append(z)
-            out_dz.append(dz)
+            xs = tuple(x[idx.to(x.device)] for x in self.inputs)
+            z, dz = vmap(one)(t[a:a + step].to(dtype=self.theta.dtype, device=self.theta.device),
+                              *xs)
+            out_z.append(z.cpu())
+            out_dz.append(dz.cpu())
         self.row_evals += R
         if not out_z:
             empty = torch.zeros(0, self.K, dtype=self.theta.dtype)
@@ -941,7 +942,9 @@ def quadrature_residual(model: torch.nn.Module, layout: ParamLayout, theta_s: to
     integral = torch.zeros_like(change)
     for a in range(0, len(sample), step):
         sm, qq = sample[a:a + step], q[a:a + step]
-        g = vmap(one)(t[sm, qq].to(theta_s.dtype), *(x[sm] for x in inputs))
-        wq = w[sm, qq].to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-        integral.index_add_(0, sm, wq * g)
+        dev = theta_s.device
+        g = vmap(one)(t[sm, qq].to(dtype=theta_s.dtype, device=dev),
+                      *(x[sm.to(x.device)] for x in inputs))
+        wq = w[sm, qq].to(dtype=g.dtype, device=dev).reshape(-1, *([1] * (g.dim() - 1)))
+        integral.index_add_(0, sm.to(dev), wq * g)
     return change - integral, change
