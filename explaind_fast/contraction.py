@@ -104,34 +104,33 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
     return phi
 
 
-def _op():
-    try:
-        from . import ops
-        return getattr(ops, "path_kernel_reduce", None)
-    except Exception:                                                  # op not built / not landed
-        return None
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def op_supports(dtype: torch.dtype) -> bool:
+    """Whether explaind_fast.ops.path_kernel_reduce takes this dtype (else the torch fallback)."""
+    return dtype in _OP_DTYPES
 
 
 def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) -> torch.Tensor:
     """out[g, r, p] = Σ_{i∈g} phi[r, i]·B[p, i]: phi [R, D], B [P, D] -> [G, R, P].
 
-    Uses explaind_fast.ops.path_kernel_reduce on the permuted layout when it exists and accepts the
-    dtype; otherwise per-group matmuls (few groups) or one index_add over an [R, P, D] product
-    (memory R·P·D) for many groups.
+    Uses explaind_fast.ops.path_kernel_reduce on the permuted layout for the dtypes it supports
+    (float32, bfloat16, float64); its input errors propagate. Other dtypes fall back to per-group
+    matmuls (few groups) or one index_add over an [R, P, D] product (memory R·P·D).
     """
     G, R, P = groups.G, phi.shape[0], B.shape[0]
     perm = groups.perm
-    op = _op()
-    if op is not None:
-        try:
-            Jp = phi if perm is None else phi[:, perm.to(phi.device)]
-            Bp = B if perm is None else B[:, perm.to(B.device)]
-            out = torch.zeros(G, R, P, dtype=phi.dtype, device=phi.device)
-            w = torch.ones(1, dtype=phi.dtype, device=phi.device)
-            op(Jp[None].contiguous(), w, Bp.contiguous(), groups.offsets.to(phi.device), out=out)
-            return out
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):
-            pass                                                       # e.g. dtype not supported
+    if op_supports(phi.dtype) and B.dtype == phi.dtype:
+        from .ops import path_kernel_reduce
+
+        Jp = phi if perm is None else phi[:, perm.to(phi.device)]
+        Bp = B if perm is None else B[:, perm.to(B.device)]
+        acc = torch.float64 if phi.dtype == torch.float64 else torch.float32
+        w = torch.ones(1, dtype=acc, device=phi.device)
+        out = path_kernel_reduce(Jp[None].contiguous(), w, Bp.contiguous(),
+                                 groups.offsets.to(phi.device))
+        return out if out.dtype == phi.dtype else out.to(phi.dtype)
     if G <= _FALLBACK_LOOP_MAX_GROUPS:
         Jp = phi if perm is None else phi[:, perm.to(phi.device)]
         Bp = B if perm is None else B[:, perm.to(B.device)]

@@ -32,7 +32,7 @@ import torch.nn.functional as Fn
 from torch.func import jvp, vmap
 
 from .contraction import TestFunction, forward_contract, reverse_phi, segment_contract, \
-    _op, _FALLBACK_LOOP_MAX_GROUPS
+    op_supports, _FALLBACK_LOOP_MAX_GROUPS
 from .features import FunctionalModel, TrainSet, partition_gradients, subsampled_reg
 from .granularity import parse_data, parse_output, parse_params, parse_steps
 from .planner import make_plan
@@ -191,7 +191,7 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
     itemsize = torch.finfo(dtype).bits // 8
     plan = make_plan(D=D, M=M, K=K, G=G, P=P, Q=Q, A=max(1, A // M), itemsize=itemsize,
                      mode=mode, credit=credit, budget=memory_budget, data_all=not per_sample_data,
-                     fallback_product=(_op() is None and G > _FALLBACK_LOOP_MAX_GROUPS))
+                     fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS))
     budget = plan.memory_budget
     if per_sample_data and credit == "update" and P * D * itemsize > budget:
         raise ValueError(f"update-step credit keeps one D-vector per data partition: {P}×{D}×"
