@@ -88,11 +88,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # kernels/ is installed as the subpackage explaind_fast.kernels, not as a top-level package.
-    packages=["explaind_fast", "explaind_fast.kernels"],
+    packages=["explaind_fast", "explaind_fast.demos", "explaind_fast.kernels"],
     package_dir={"explaind_fast": "explaind_fast", "explaind_fast.kernels": "kernels"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.4", "triton", "numpy", "ninja", "pybind11"],
+    # safetensors: the trajectory store and saved results; tqdm: progress bars; matplotlib and
+    # scikit-learn (its bundled 8×8 digits): the demos.
+    install_requires=["torch>=2.4", "triton", "numpy", "ninja", "pybind11", "safetensors", "tqdm",
+                      "matplotlib", "scikit-learn"],
+    entry_points={"console_scripts": ["explaind-fast = explaind_fast.cli:main"]},
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
     zip_safe=False,
 )
