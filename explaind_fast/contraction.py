@@ -46,30 +46,57 @@ def _targets_or_dummy(tf: TestFunction, idx):
 
 
 def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents: torch.Tensor,
-                     idx=slice(None)) -> torch.Tensor:
-    """Σ_q w_q J(θ(t_q))·v for each tangent v: [T, D] -> [T, m, K] (test samples idx)."""
+                     idx=slice(None), max_evals: Optional[int] = None) -> torch.Tensor:
+    """Σ_q w_q J(θ(t_q))·v for each tangent v: [T, D] -> [T, m, K] (test samples idx).
+
+    Shared nodes: (node, tangent) pairs run in one nested vmap, max(1, max_evals // T) nodes per
+    call (max_evals: JVP evaluations over all m samples per call, the planner's tangent_chunk;
+    None = all nodes at once), so a step costs a few calls instead of one per node.
+    Memory ≈ itemsize·(q_c·D + q_c·T·2·m·A) for q_c nodes per call.
+    Per-sample nodes: one call per node column, vmapped over the samples whose weight there is
+    non-zero (the padding of shorter rules is skipped). Zero-weight nodes add nothing either way.
+    """
     X = tf.X[idx]
-    m = X.shape[0]
+    m, T = X.shape[0], tangents.shape[0]
+    if not nodes.per_sample:
+        keep = nodes.w != 0
+        t, w = nodes.t[keep].to(theta_s), nodes.w[keep].to(theta_s)
+        F = lambda th: tf.values(th, idx)                              # noqa: E731
+        both = vmap(lambda th: vmap(lambda v: jvp(F, (th,), (v,))[1])(tangents))
+        step = len(t) if max_evals is None else max(1, int(max_evals) // max(T, 1))
+        acc = None
+        for a in range(0, len(t), max(step, 1)):
+            ths = theta_s[None] + t[a:a + step, None] * delta[None]    # [q_c, D]
+            out = torch.tensordot(w[a:a + step], both(ths), dims=1)     # [T, m, K]
+            acc = out if acc is None else acc + out
+        if acc is None:                                                # every weight was zero
+            K = tf.values(theta_s, idx).shape[-1]
+            acc = torch.zeros(T, m, K, dtype=theta_s.dtype, device=theta_s.device)
+        return acc
+    tg, tg_dim = _targets_or_dummy(tf, idx)
+
+    def per_sample(th, x, y):
+        f = lambda tt: tf._single(tt, x, y)                            # noqa: E731
+        return vmap(lambda v: jvp(f, (th,), (v,))[1])(tangents)         # [T, K]
+    t_all = nodes.t[idx].to(theta_s)
+    w_all = nodes.w[idx].to(theta_s)
     acc = None
     for q in range(nodes.num_nodes):
-        if not nodes.per_sample:
-            th = theta_s + float(nodes.t[q]) * delta
-            F = lambda t: tf.values(t, idx)                          # noqa: E731
-            out = vmap(lambda v: jvp(F, (th,), (v,))[1])(tangents)  # [T, m, K]
-            out = float(nodes.w[q]) * out
-        else:
-            t = nodes.t[idx, q].to(theta_s)
-            w = nodes.w[idx, q].to(theta_s)
-            ths = theta_s[None] + t[:, None] * delta[None]            # [m, D]
-            tg, tg_dim = _targets_or_dummy(tf, idx)
-
-            def per_sample(th, x, y):
-                f = lambda tt: tf._single(tt, x, y)                  # noqa: E731
-                return vmap(lambda v: jvp(f, (th,), (v,))[1])(tangents)   # [T, K]
-            out = vmap(per_sample, in_dims=(0, 0, tg_dim))(ths, X, tg)    # [m, T, K]
-            out = (w[:, None, None] * out).transpose(0, 1)
-        acc = out if acc is None else acc + out
-    return acc
+        live = (w_all[:, q] != 0).nonzero().flatten()                 # samples using slot q
+        if len(live) == 0:
+            continue
+        ths = theta_s[None] + t_all[live, q, None] * delta[None]       # [l, D]
+        li = live.to(X.device)
+        out = vmap(per_sample, in_dims=(0, 0, tg_dim))(
+            ths, X[li], None if tg is None else tg[live.to(tg.device)])  # [l, T, K]
+        out = w_all[live, q, None, None] * out
+        if acc is None:
+            acc = torch.zeros((m,) + out.shape[1:], dtype=out.dtype, device=out.device)
+        acc[live] += out
+    if acc is None:
+        K = tf.values(theta_s, idx).shape[-1]
+        acc = torch.zeros(m, T, K, dtype=theta_s.dtype, device=theta_s.device)
+    return acc.transpose(0, 1)
 
 
 def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs: int = 64,
