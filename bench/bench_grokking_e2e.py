@@ -97,7 +97,10 @@ def main(argv=None):
                     help="quadrature of the per-parameter and per-sample runs")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     cfg = PRESETS[args.size].with_overrides(max_steps=args.max_steps, dtype=args.dtype)
     device = torch.device(args.device)
@@ -157,6 +160,11 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "size": args.size, "p": cfg.p, "n_train": cfg.n_train, "test_samples": M,
         "steps": N, "dtype": cfg.dtype, "training_wall_s": tr.wall_s, "runs": rows,
+        # a shared CPU distorts timings: torch's default OpenMP spin-waiting was measured 50×
+        # slower on a 2-core machine at load 10 (bench/results/cpu_e2e.md); record the conditions
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch_threads": torch.get_num_threads(),
     }
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

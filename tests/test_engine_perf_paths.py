@@ -117,3 +117,23 @@ def test_engine_forward_equals_reverse_with_tiny_tangent_chunks():
     _close(fwd.reg, rev.reg)
     g = fwd.step_residual_relative
     assert g.shape == (traj.num_steps,) and g.dtype == torch.float64
+
+
+def test_e2e_bench_runs_at_tiny_size(tmp_path):
+    """bench/bench_grokking_e2e.py keeps running on the CPU (tiny preset, 2 steps); its runs
+    reconstruct the final logits (Gauss–Legendre on a ReLU model is not exact: loose bound)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_grokking_e2e.py")
+    spec = importlib.util.spec_from_file_location("bench_grokking_e2e", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "e2e.json"
+    res = bench.main(["--size", "tiny", "--max-steps", "2", "--rules", "gauss-legendre:2",
+                      "--fine-rule", "gauss-legendre:2", "--window", "2", "--out", str(out)])
+    assert out.exists() and res["steps"] == 2 and len(res["runs"]) == 3
+    for row in res["runs"]:
+        assert "error" not in row, row
+        assert row["wall_s"] > 0 and row["peak_bytes"] > 0
+        assert row["reconstruction_error"] < 1e-1, row
+    assert res["runs"][0]["plan"]["mode"] in ("forward", "reverse")
