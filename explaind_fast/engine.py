@@ -238,14 +238,18 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
                 c = traj.rule.coefficients(rec, dtype=dtype, device=device)
                 R = c.reg_decay * R + c.reg_gain * th
                 r = c.reg_scale * R
+            B = torch.empty(P + 1, D, dtype=dtype, device=device)    # [Φ_s[1..P]; r_s]
             if per_sample_data:
                 present, Gp = partition_gradients(fm, th, train, loss_fn, rec, part.ids)
-                E = c.decay[None] * E
-                E[present] += c.gain[None] * Gp
-                Phi = c.scale[None] * E
+                E.mul_(c.decay[None])                                  # in place: E is P×D
+                if len(present) == P:        # every partition in the batch: present = 0..P-1
+                    E.addcmul_(c.gain[None], Gp)
+                else:
+                    E[present] += c.gain[None] * Gp
+                torch.mul(c.scale[None], E, out=B[:P])
             else:
-                Phi = (-delta - r)[None]
-            B = torch.cat([Phi, r[None]])                              # [P+1, D]
+                torch.sub(-delta, r, out=B[0])
+            B[P] = r
             nodes = _nodes_for(ctx, s, th, delta, F_at)
             ev_nodes[s] = nodes.num_nodes
             if plan.mode == "forward":
@@ -396,9 +400,11 @@ def _backward_recursion(ctx, kernel, reg, residual, change, win_of, plan, F_at, 
     for idx, ks in _row_chunks(M, K, plan):
         H = Hreg = None
         next_decay = next_reg_decay = None
+        th_next = traj.theta(N, dtype=dtype, device=device)
         for s in reversed(range(N)):
-            th = traj.theta(s, dtype=dtype, device=device)
-            delta = traj.theta(s + 1, dtype=dtype, device=device) - th
+            th = traj.theta(s, dtype=dtype, device=device)      # each θ is read once per chunk
+            delta = th_next - th
+            th_next = th
             rec = traj.step(s)
             c = traj.rule.coefficients(rec, dtype=dtype, device=device)
             nodes = _nodes_for(ctx, s, th, delta, F_at) if first else ctx["_nodes"][s]
