@@ -123,7 +123,7 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
         si = sample[sl]
         ths = theta_s[None] + t[sl, None] * delta[None]
         J = jac(ths, X[si.to(X.device)], None if tg is None else tg[si.to(tg.device)])
-        J = J * w[sl, None, None]                                      # [c, K, D]
+        J.mul_(w[sl, None, None])                 # [c, K, D]; in place: J is fresh, c·K·D numbers
         # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
         onehot = (torch.arange(m)[:, None] == si[None, :]).to(device=J.device, dtype=J.dtype)
         part = (onehot @ J.reshape(J.shape[0], -1)).reshape((m,) + J.shape[1:])
