@@ -80,9 +80,8 @@ def _jsonable(x):
 def main(argv=None):
     from explaind_fast import attribute
     from explaind_fast.demos.common import train_recorded
-    from explaind_fast.demos.data import modular_addition_data
-    from explaind_fast.demos.grokking import PRESETS
-    from explaind_fast.demos.models import TRANSFORMER_LAYERS, ModularAdditionTransformer
+    from explaind_fast.demos.grokking import PRESETS, build
+    from explaind_fast.demos.models import TRANSFORMER_LAYERS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(PRESETS), default="cpu")
@@ -107,12 +106,7 @@ def main(argv=None):
     dtype = getattr(torch, cfg.dtype)
     log = lambda s: print(s, flush=True)  # noqa: E731
 
-    data = modular_addition_data(cfg.p, cfg.n_train, cfg.n_test, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = ModularAdditionTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp,
-                                       act=cfg.act).to(device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay)
+    data, model, opt = build(cfg, device, dtype)
     tx, ty = data.train_x.to(device), data.train_y.to(device)
     vx, vy = data.test_x.to(device), data.test_y.to(device)
     stop = None

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rules", default=None,
                       help="comma-separated quadrature rules of the Table 1 analogue "
                            "(default: midpoint:10,midpoint:100,gauss-legendre:2,4,8,16,"
-                           "adaptive:1e-6,kinks:8)")
+                           "adaptive:1e-6,kinks:3)")
     demo.add_argument("--steps", type=int, default=None,
                       help="grokking: maximum training steps; digits-cnn: ignored")
     demo.add_argument("--p", type=int, default=None, help="grokking: the modulus")

@@ -23,7 +23,7 @@ __all__ = ["TrainResult", "train_recorded", "run_reconstruction_table", "TABLE1_
 
 #: The Table 1 rows (paper: 10 and 100 midpoints; plus Gauss–Legendre, adaptive and kinks).
 TABLE1_RULES = ("midpoint:10", "midpoint:100", "gauss-legendre:2", "gauss-legendre:4",
-                "gauss-legendre:8", "gauss-legendre:16", "adaptive:1e-6", "kinks:8")
+                "gauss-legendre:8", "gauss-legendre:16", "adaptive:1e-6", "kinks:3")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .models import TRANSFORMER_LAYERS, ModularAdditionTransformer
 from .plots import plot_figure3a, plot_matrices, plot_table1, plot_training
 from .report import ReportWriter, markdown_table, write_csv
 
-__all__ = ["GrokkingConfig", "PRESETS", "run"]
+__all__ = ["GrokkingConfig", "PRESETS", "build", "run"]
 
 
 @dataclass
@@ -121,6 +121,17 @@ def _windows(N: int, count: int, length: Optional[int]) -> List[Tuple[int, int]]
     return out
 
 
+def build(cfg: GrokkingConfig, device, dtype):
+    """The data set, the seeded model and its AdamW optimizer of a grokking config."""
+    data = modular_addition_data(cfg.p, cfg.n_train, cfg.n_test, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = ModularAdditionTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp,
+                                       act=cfg.act).to(device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    return data, model, opt
+
+
 def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
         progress: bool = False, train_only: bool = False, log=print) -> Dict[str, object]:
     """Train, record, attribute and write the report to ``out_dir``. Returns a summary dict
@@ -136,13 +147,8 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
     log(f"[grokking] {cfg.name}: p={cfg.p}, {cfg.n_train} train / {cfg.n_test} test, "
         f"{cfg.dtype}, device {dev}")
 
-    data = modular_addition_data(cfg.p, cfg.n_train, cfg.n_test, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = ModularAdditionTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp,
-                                       act=cfg.act).to(dev, dtype)
+    data, model, opt = build(cfg, dev, dtype)
     D = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay)
     tx, ty = data.train_x.to(dev), data.train_y.to(dev)
     vx, vy = data.test_x.to(dev), data.test_y.to(dev)
     stop = None
