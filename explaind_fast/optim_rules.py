@@ -81,6 +81,11 @@ class OptimizerRule:
     """Base class. ``hyper`` holds one dict per param group (betas, eps, momentum, …)."""
 
     kind: str = ""
+    #: whether torch's first-moment buffer (exp_avg / momentum_buffer) already contains the
+    #: weight-decay recursion R_s (coupled decay flows through the moment)
+    moment_includes_reg: bool = False
+    #: whether the optimizer keeps a second moment v (Adam-type)
+    has_second_moment: bool = False
 
     def __init__(self, layout: ParamLayout, hyper: List[Dict]):
         self.layout = layout
@@ -91,6 +96,11 @@ class OptimizerRule:
 
     def coefficients(self, rec: StepRecord, dtype=torch.float64, device=None) -> StepCoefficients:
         raise NotImplementedError
+
+    def second_moment_input(self, rec: StepRecord, G: torch.Tensor, theta_s: torch.Tensor
+                            ) -> torch.Tensor:
+        """The gradient torch squares into v for this step (G = Σ w ∇L, the batch gradient)."""
+        return G
 
     def update(self, rec: StepRecord, theta_s: torch.Tensor, E_all: torch.Tensor,
                R: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
@@ -103,6 +113,7 @@ class AdamWRule(OptimizerRule):
     """torch.optim.AdamW (decoupled decay), amsgrad=False, maximize=False."""
 
     kind = "adamw"
+    has_second_moment = True
 
     def _adam_scale(self, rec, dtype, device):
         if rec.exp_avg_sq is None:
@@ -134,6 +145,10 @@ class AdamL2Rule(AdamWRule):
     """
 
     kind = "adam"
+    moment_includes_reg = True
+
+    def second_moment_input(self, rec, G, theta_s):
+        return G + self._vec(rec.weight_decay, G.dtype, G.device) * theta_s
 
     def coefficients(self, rec, dtype=torch.float64, device=None):
         b1, scale = self._adam_scale(rec, dtype, device)
@@ -146,6 +161,7 @@ class SGDMomentumRule(OptimizerRule):
     """torch.optim.SGD with momentum μ, coupled weight decay, dampening 0, nesterov=False."""
 
     kind = "sgd"
+    moment_includes_reg = True
 
     def coefficients(self, rec, dtype=torch.float64, device=None):
         mu = self._vec([h.get("momentum", 0.0) for h in self.hyper], dtype, device)

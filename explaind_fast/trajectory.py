@@ -68,12 +68,6 @@ MANIFEST = "manifest.json"
 LOG = "steps.jsonl"
 INIT_FILE = "theta_0.safetensors"
 
-# Which optimizers' first-moment buffer (torch's exp_avg / momentum_buffer) already contains the
-# weight-decay recursion R_s (coupled decay flows through the moment), and whether torch feeds
-# g + λθ into the second moment. Only used to *check* stored data against optim_rules.
-_MOMENT_INCLUDES_REG = {"adamw": False, "adam": True, "sgd": True}
-_ADAM_KINDS = ("adamw", "adam")
-
 
 class CorruptTrajectoryError(ValueError):
     """A trajectory file or log line does not match its checksum, or is missing."""
@@ -510,13 +504,12 @@ class Trajectory:
         report = VerifyReport()
         f64 = torch.float64
         kind, rule, D = self.optimizer_kind, self.rule, self.layout.D
-        adam = kind in _ADAM_KINDS
+        adam = rule.has_second_moment
         replayable = self.checkpoint_every == 1
         if not replayable:
             report.notes.append("checkpoint_every > 1: intermediate states not stored, updates "
                                 "not replayable (checksums, finiteness and counters checked)")
         if adam:
-            b1 = self.layout.expand([h["betas"][0] for h in self.hyper])
             b2 = self.layout.expand([h["betas"][1] for h in self.hyper])
         R = torch.zeros(D, dtype=f64)
         E_prev = torch.zeros(D, dtype=f64)
@@ -547,14 +540,14 @@ class Trajectory:
             R = c.reg_decay * R + c.reg_gain * theta_s
             if rec.exp_avg is not None:
                 m = rec.exp_avg.to(f64)
-                E = m - R if _MOMENT_INCLUDES_REG[kind] else m
+                E = m - R if rule.moment_includes_reg else m
                 report.mode.append("stored-m")
             else:
                 E = -(delta + c.reg_scale * R) / c.scale
                 report.mode.append("derived-m")
             if adam:
                 G = (E - c.decay * E_prev) / c.gain
-                u = G + self.layout.expand(rec.weight_decay) * theta_s if kind == "adam" else G
+                u = rule.second_moment_input(rec, G, theta_s)
                 v = rec.exp_avg_sq.to(f64)
                 v_replay = b2 * v_prev + (1 - b2) * u * u
                 c_replay = rule.coefficients(dataclasses.replace(rec, exp_avg_sq=v_replay),
