@@ -5,13 +5,14 @@ groups, P data partitions, Q quadrature nodes per step, A activation numbers per
 (measured with forward hooks), b bytes per number, T = G·(P+1) + 1 tangents (the +1 is Δ_s, for
 the residual).
 
-    forward  cost ≈ Q·T·M·6D            peak ≈ b·(T_c·(D + 2·M·A) + E + 4D)
+    forward  cost ≈ Q·T·M·6D            peak ≈ b·(T_c·(D + 2·M·A) + E + (P+5)·D)
     reverse  cost ≈ Q·M·K·6D + M·K·(P+1)·2D
-             peak ≈ b·(m_c·K·(2D + A + X·(P+1)·D + H·2D) + E + 4D)
+             peak ≈ b·(m_c·K·(2D + A + G·(P+1) + X·(P+1)·D + H·2D) + E + (P+5)·D)
 
 with T_c tangents per chunk, m_c test samples per row chunk (when one sample's K rows exceed the
 budget, m_c = 1 and its outputs are split into chunks of K_c rows: K → K_c in the formula), E = P·D when the update-credit
-forward recursion keeps a per-partition state (else 0), X = 1 when the contraction falls back to an
+forward recursion keeps a per-partition state (else 0), (P+1)·D the contraction input
+B = [Φ_s[1..P]; r_s], G·(P+1) per row the contraction's output chunk, X = 1 when the contraction falls back to an
 [R, P, D] product (more than 64 groups and no fused op), H = 1 with the backward recursion.
 Costs are FLOP-ish (a dense model's forward is ≈ 2D flops per sample); they only rank the modes.
 """
@@ -42,11 +43,11 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     budget = int(budget) if budget is not None else DEFAULT_BUDGET
     T = G * (P + 1) + 1
     E = P * D if (not data_all and credit == "update") else 0
-    base = itemsize * (E + 4 * D)
+    base = itemsize * (E + (P + 1) * D + 4 * D)
     fwd_cost = Q * T * M * 6 * D
     rev_cost = Q * M * K * 6 * D + M * K * (P + 1) * 2 * D
     per_tangent = itemsize * (D + 2 * M * A)
-    per_sample = itemsize * K * (2 * D + A + (P + 1) * D * int(fallback_product)
+    per_sample = itemsize * K * (2 * D + A + G * (P + 1) + (P + 1) * D * int(fallback_product)
                                  + 2 * D * int(credit == "gradient"))
     t_chunk = max(1, min(T, (budget - base) // max(per_tangent, 1)))
     m_chunk = max(1, min(M, (budget - base) // max(per_sample, 1)))
