@@ -7,6 +7,7 @@ final = initial + kernel.sum() + reg.sum(); the paper's ψ is minus this.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -18,12 +19,19 @@ import torch.nn.functional as F
 
 from .report import evaluations_total, reconstructed_outputs, reconstruction_metrics
 
-__all__ = ["TrainResult", "train_recorded", "run_reconstruction_table", "TABLE1_RULES",
-           "fresh_directory", "accuracy"]
+__all__ = ["ConfigOverrides", "TrainResult", "train_recorded", "run_reconstruction_table",
+           "TABLE1_RULES", "fresh_directory", "accuracy"]
 
 #: The Table 1 rows (paper: 10 and 100 midpoints; plus Gauss–Legendre, adaptive and kinks).
 TABLE1_RULES = ("midpoint:10", "midpoint:100", "gauss-legendre:2", "gauss-legendre:4",
                 "gauss-legendre:8", "gauss-legendre:16", "adaptive:1e-6", "kinks:3")
+
+
+class ConfigOverrides:
+    """Mixin for the demos' config dataclasses: a copy with the given non-None fields replaced."""
+
+    def with_overrides(self, **kw):
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
 @dataclass

@@ -23,7 +23,6 @@ paper's ψ is minus this (importance takes |·| so the sign does not matter ther
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import platform
 import time
@@ -32,7 +31,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .common import TABLE1_RULES, accuracy, run_reconstruction_table, train_recorded
+from .common import (ConfigOverrides, TABLE1_RULES, accuracy, run_reconstruction_table,
+                     train_recorded)
 from .data import digits_data
 from .models import DigitsCNN
 from .plots import plot_pruning, plot_table1, plot_training
@@ -44,7 +44,7 @@ SPARSITIES = (0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 @dataclass
-class DigitsConfig:
+class DigitsConfig(ConfigOverrides):
     name: str
     n_train: int = 1200
     n_test: int = 597
@@ -68,9 +68,6 @@ class DigitsConfig:
     sparsities: Tuple[float, ...] = SPARSITIES
     seed: int = 0
     note: str = ""
-
-    def with_overrides(self, **kw) -> "DigitsConfig":
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
 PRESETS: Dict[str, DigitsConfig] = {

@@ -23,7 +23,6 @@ paper's ψ is minus this (so the paper's D = Σ reg − Σ kernel here; see Attr
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import time
@@ -33,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .common import TABLE1_RULES, run_reconstruction_table, train_recorded
+from .common import ConfigOverrides, TABLE1_RULES, run_reconstruction_table, train_recorded
 from .data import modular_addition_data
 from .models import TRANSFORMER_LAYERS, ModularAdditionTransformer
 from .plots import plot_figure3a, plot_matrices, plot_table1, plot_training
@@ -43,7 +42,7 @@ __all__ = ["GrokkingConfig", "PRESETS", "build", "run"]
 
 
 @dataclass
-class GrokkingConfig:
+class GrokkingConfig(ConfigOverrides):
     """Sizes and settings of one grokking run (the presets are in :data:`PRESETS`)."""
 
     name: str
@@ -70,9 +69,6 @@ class GrokkingConfig:
     influence_window_len: Optional[int] = None  # default: about 2.6% of the run (paper: 50/1939)
     seed: int = 0
     note: str = ""
-
-    def with_overrides(self, **kw) -> "GrokkingConfig":
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 
 PRESETS: Dict[str, GrokkingConfig] = {
