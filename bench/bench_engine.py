@@ -6,7 +6,7 @@ per-step slice of the contribution tensor [M, O, D] from full Jacobians at each 
 official code does) and sums it per layer. Prints time and reconstruction error of each, and the
 largest disagreement with the naive sums.
 
-    PYTHONPATH=. python bench/bench_engine.py --steps 3 --test 4 --act gelu --rule gauss-legendre:4
+    python bench/bench_engine.py --steps 3 --test 4 --act gelu --rule gauss-legendre:4
 """
 from __future__ import annotations
 
@@ -17,15 +17,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
-from explaind_fast import attribute
+from explaind_fast import Trajectory, TrajectoryRecorder, attribute
+from explaind_fast.attribution.granularity import parse_params
 from explaind_fast.demos.data import modular_addition_data
 from explaind_fast.demos.models import ModularAdditionTransformer
-from explaind_fast.granularity import parse_params
-from explaind_fast.quadrature import fixed_nodes, parse_quadrature
-from explaind_fast.recorder import TrajectoryRecorder
-from explaind_fast.trajectory import Trajectory
+from explaind_fast.model import FunctionalModel
+from explaind_fast.optim import RegRecursion
+from explaind_fast.quadrature import parse_quadrature
 
 
 def train(args, dtype):
@@ -49,21 +48,20 @@ def naive_layers(model, traj, Xte, rule, dtype):
     then per-layer sums. Returns kernel [N, G, M, O], reg [N, G, M, O], initial, final."""
     layout = traj.layout
     groups = parse_params("module", layout)
-    names = set(layout.names)
-    base = {k: v for k, v in list(model.named_parameters()) + list(model.named_buffers())
-            if k not in names}
+    fm = FunctionalModel(model, layout)
 
     def f(theta):
-        return functional_call(model, {**base, **layout.unflatten(theta)}, (Xte,))
+        return fm(theta, Xte)
 
-    nodes = fixed_nodes(parse_quadrature(rule))
+    nodes = parse_quadrature(rule).nodes()
     N = traj.num_steps
+    reg = RegRecursion(layout.D, dtype)
     kern, reg = [], []
     for s in range(N):
         th, th1 = traj.theta(s, dtype=dtype), traj.theta(s + 1, dtype=dtype)
         delta = th1 - th
         c = traj.rule.coefficients(traj.step(s), dtype=dtype)
-        r = c.reg_scale * c.reg_gain * th                  # AdamW: reg_decay = 0
+        r = reg.step_with(c, th)
         Phi = -delta - r
         phi = 0
         for t, w in zip(nodes.t.tolist(), nodes.w.tolist()):

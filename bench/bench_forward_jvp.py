@@ -7,7 +7,7 @@ from torch.func import jvp, vmap, functional_call
 from explaind_fast.demos.grokking import PRESETS
 from explaind_fast.demos.models import ModularAdditionTransformer
 from explaind_fast.demos.data import modular_addition_data
-from explaind_fast.layout import ParamLayout
+from explaind_fast.model import ParamLayout
 cfg = PRESETS["cpu"]
 torch.manual_seed(0)
 model = ModularAdditionTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, act=cfg.act).double()

@@ -6,7 +6,7 @@
 
 For every (G, R, D, P) and input dtype it times
     fused     explaind_fast.ops.path_kernel_reduce (Triton on CUDA, the C++ kernel on CPU)
-    naive     explaind_fast.reference.path_kernel_reduce_naive (materialises R·P·D; skipped when
+    naive     explaind_fast.ops.reference.path_kernel_reduce_naive (materialises R·P·D; skipped when
               that would not fit the memory cap)
     loop      a Python loop of torch.matmul per group (after one quadrature sum)
     gemm      one torch.matmul [R, K] @ [K, P] with K = D·(1 + Q/P), i.e. the same FLOPs as the fused
@@ -85,7 +85,7 @@ def _offsets(G, D, device):
 
 
 def bench_shape(G, R, D, P, dtype, device, repeats, mem_cap_bytes, backend="op", warmup=2):
-    from explaind_fast.reference import path_kernel_reduce_naive
+    from explaind_fast.ops.reference import path_kernel_reduce_naive
 
     if backend == "triton":  # the Triton launcher directly (on CPU tensors: TRITON_INTERPRET=1)
         from explaind_fast.kernels import path_kernel_reduce_triton as path_kernel_reduce

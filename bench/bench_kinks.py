@@ -7,11 +7,11 @@ steps), the reconstruction error relative to the total change, gradient evaluati
 sample and step (quadrature nodes; per-sample kink rules: the mean count of non-padding nodes,
 and the padded width Q the engine evaluates), and wall time (kink search shown separately).
 
-    PYTHONPATH=. python bench/bench_kinks.py                      # CPU sizes, both models
-    PYTHONPATH=. python bench/bench_kinks.py --model transformer --full --device cuda
+    python bench/bench_kinks.py                      # CPU sizes, both models
+    python bench/bench_kinks.py --model transformer --full --device cuda
 
 Kink rules run as engine callables so their statistics can be recorded: "kinks:n" is the same
-function (explaind_fast.kinks.kink_nodes); "kinks:n/common" uses one shared rule on the union of
+function (explaind_fast.quadrature.kinks.kink_nodes); "kinks:n/common" uses one shared rule on the union of
 the batch's breakpoints (the alternative the issue asks to compare); "kinks:n/taper" gives short
 pieces fewer nodes (kinks.nodes_per_piece with TAPER_RHO). The adaptive rule is capped at 32
 intervals (128 nodes) per step to bound the run time.
@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from explaind_fast.engine import attribute  # noqa: E402
-from explaind_fast.kinks import TAPER_RHO, find_kinks, nodes_from_breakpoints  # noqa: E402
+from explaind_fast import attribute
+from explaind_fast.quadrature.kinks import TAPER_RHO, find_kinks, nodes_from_breakpoints
 
 DEFAULT_RULES = ("midpoint:10,midpoint:100,gauss-legendre:4,adaptive:1e-10,kinks:2,kinks:3,"
                  "kinks:3/taper,kinks:3/common")

@@ -26,7 +26,7 @@ import time
 import torch
 
 from explaind_fast import ops
-from explaind_fast.reference import path_kernel_reduce_naive
+from explaind_fast.ops.reference import path_kernel_reduce_naive
 
 # (Q, R, D, P, G): the shapes. G groups of equal length (D = 98304 = 768·128).
 CASES = [(8, 256, 98304, 16, 1), (8, 256, 98304, 16, 6), (8, 256, 98304, 16, 768), (8, 256, 98304, 1, 98304)]

@@ -1,6 +1,6 @@
 """Recording overhead and bytes on disk per step, on the paper's modular-addition transformer.
 
-Setting (DESIGN.md §6): ModularAdditionTransformer (p = 113, d_model 64, 4 heads of 16, MLP 512,
+Setting (docs/design.md §11): ModularAdditionTransformer (p = 113, d_model 64, 4 heads of 16, MLP 512,
 D = 97,331), full-batch AdamW over 4000 samples, lr 1e-3, weight decay 4.0, betas (0.98, 0.99).
 Measures, per training step, on the CPU:
 
@@ -33,8 +33,8 @@ from safetensors import safe_open
 
 from explaind_fast.demos.data import modular_addition_data
 from explaind_fast.demos.models import ModularAdditionTransformer
-from explaind_fast.recorder import TrajectoryRecorder
-from explaind_fast.trajectory import LOG, Trajectory
+from explaind_fast.recording import TrajectoryRecorder
+from explaind_fast.store import LOG, Trajectory
 
 
 def quantiles(xs):

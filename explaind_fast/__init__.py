@@ -2,28 +2,32 @@
 
 Public API (imported lazily so that ``import explaind_fast`` is cheap and never touches a GPU):
 
-    TrajectoryRecorder, Trajectory     record a training run to disk and read it back
-    IndexedDataset, indexed_loader     dataset helpers that yield the batch indices
-    attribute, Attribution             the attribution engine and its result
-    ParamLayout                        the flat parameter layout
-    ops                                the fused path-kernel reduction op
+    TrajectoryRecorder, IndexedDataset, indexed_loader   record a training run   (recording/)
+    Trajectory                                           read it back            (store/)
+    attribute, Attribution                               the exact sums          (attribution/)
+    NodeSet                                              custom quadrature nodes (quadrature/)
+    ParamLayout                                          the flat parameter layout (model/)
+    ops                                                  the fused path-kernel reduction op
 
-Sign convention: every contribution is a contribution to the *change* of the output, so
-``final = initial + kernel.sum() + reg.sum()``; the paper's ψ is minus this.
+Results are contributions to the *change* of the output; docs/design.md §1 states the sign
+convention, §12 the package layers (checked by import-linter, .importlinter).
 """
 import importlib
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ParamLayout": "explaind_fast.layout",
-    "TrajectoryRecorder": "explaind_fast.recorder",
-    "Trajectory": "explaind_fast.trajectory",
-    "IndexedDataset": "explaind_fast.data",
-    "indexed_loader": "explaind_fast.data",
-    "attribute": "explaind_fast.engine",
-    "Attribution": "explaind_fast.result",
+    "ParamLayout": "explaind_fast.model",
+    "TrajectoryRecorder": "explaind_fast.recording",
+    "IndexedDataset": "explaind_fast.recording",
+    "indexed_loader": "explaind_fast.recording",
+    "Trajectory": "explaind_fast.store",
+    "attribute": "explaind_fast.attribution",
+    "Attribution": "explaind_fast.attribution",
+    "NodeSet": "explaind_fast.quadrature",
 }
+_SUBPACKAGES = ("model", "optim", "store", "recording", "quadrature", "attribution", "ops",
+                "kernels", "testing", "demos")
 
 __all__ = sorted(_EXPORTS) + ["ops", "__version__"]
 
@@ -31,7 +35,7 @@ __all__ = sorted(_EXPORTS) + ["ops", "__version__"]
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("ops", "kernels", "reference"):
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"explaind_fast.{name}")
     raise AttributeError(f"module 'explaind_fast' has no attribute '{name}'")
 

@@ -66,7 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     size = "full" if args.full else "tiny" if args.tiny else "cpu"
     out = args.out or os.path.join("reports", args.name + ("" if size == "cpu" else f"-{size}"))
+    from . import demos
     if args.name == "grokking":
+        demos.check_dependencies("matplotlib")
         from .demos import grokking
         cfg = grokking.PRESETS[size].with_overrides(
             dtype=args.dtype, rules=_rules(args.rules), max_steps=args.steps, p=args.p,
@@ -81,6 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = grokking.run(out, cfg, device=args.device, progress=args.progress,
                                train_only=args.train_only)
     else:
+        demos.check_dependencies("matplotlib", "sklearn")
         from .demos import digits_cnn
         cfg = digits_cnn.PRESETS[size].with_overrides(
             dtype=args.dtype, rules=_rules(args.rules), attr_test=args.test_samples,

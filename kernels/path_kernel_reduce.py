@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from explaind_fast._extension import load_extension
+from explaind_fast.ops._extension import load_extension
 
 load_extension()  # the shared C++ input check, torch.ops.explaind_fast.path_kernel_reduce_check
 

@@ -51,7 +51,7 @@ def _activation(act: str):
 
 class _Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v/o projections, no biases (as Nanda et al.;
-    this gives the D = 97,331 parameters of DESIGN.md §6 at the paper's size). Only the queries of the positions in ``query_positions`` are
+    this gives the D = 97,331 parameters of docs/design.md §11 at the paper's size). Only the queries of the positions in ``query_positions`` are
     computed, because the one-layer model's output reads the last position only."""
 
     def __init__(self, d_model: int, n_heads: int, d_head: int):

@@ -1,0 +1,95 @@
+"""The two credit strategies (docs/design.md §7): which step a training sample's contribution is
+booked at.
+
+* :func:`update_credit` — at the update s where θ moved: forward in time, the moment recursion
+  keeps one D-vector per data partition (none for data="all", where Φ_s = −Δ_s − r_s), and each
+  step's contraction runs in forward or reverse mode. Peak: b·P·D for the recursion.
+* :func:`gradient_credit` — at the step i whose batch produced the gradient: backward in time per
+  row chunk of test samples × outputs (:class:`explaind_fast.optim.BackwardRecursion`), reverse mode,
+  the batch gradients recomputed once per row chunk. Peak: b·2·m_c·K·D for the recursion.
+
+Both agree when the step axis is summed. Both write into an :class:`Accumulator`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_from_update
+from .accumulator import Accumulator
+from .contraction import forward_step, reverse_phi, reverse_step, row_chunks, segment_contract
+from .problem import Problem
+from .train_side import partition_gradients, subsampled_reg
+
+
+def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
+    """Forward in time over the N stored updates; every θ is read from the store once."""
+    traj, rule, P, D = pb.traj, pb.traj.rule, pb.P, pb.D
+    opts = dict(dtype=pb.dtype, device=pb.device)
+    moments = MomentRecursion(P, D, **opts) if pb.per_sample_data else None
+    reg = RegRecursion(D, **opts)
+    th_next = pb.theta0
+    for s in range(pb.N):
+        th = th_next
+        th_next = traj.theta(s + 1, **opts)
+        delta = th_next - th
+        B = torch.empty(P + 1, D, **opts)                        # [Φ_s[1..P]; r_s]
+        if traj.checkpoint_every != 1:
+            r = subsampled_reg(traj, s, reg, **opts)
+        else:
+            rec = traj.step(s)
+            c = rule.coefficients(rec, **opts)
+            r = reg.step_with(c, th)
+        if pb.per_sample_data:
+            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            moments.step(c, Gp, present)
+            moments.phi(c, out=B[:P])
+        else:
+            phi_all_from_update(delta, r, out=B[0])
+        B[P] = r
+        nodes = acc.nodes(s, th, delta)
+        if pb.plan.mode == "forward":
+            out, jd = forward_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan.tangent_chunk)
+            acc.ev_jvp[s] += nodes.num_nodes * (pb.G * (P + 1) + 1)
+        else:
+            out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K)
+            acc.ev_jvp[s] += nodes.num_nodes * pb.M * pb.K
+        acc.add_update_step(s, out)
+        acc.certify(s, jd)
+        bar.update(1)
+
+
+def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
+    """Backward in time, one row chunk at a time: the contribution of partition p at gradient step
+    i is −gain_i⊙G_i[p]·H_i, the regularisation −reg_gain_i⊙θ_i·Hreg_i. The quadrature nodes of
+    each step are found with the first row chunk and reused by the others."""
+    traj, rule, G = pb.traj, pb.traj.rule, pb.G
+    opts = dict(dtype=pb.dtype, device=pb.device)
+    nodes_of = {}
+    for idx, ks in row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk):
+        first = not nodes_of
+        recursion = BackwardRecursion()
+        th_next = traj.theta(pb.N, **opts)
+        for s in reversed(range(pb.N)):
+            th = traj.theta(s, **opts)                         # each θ is read once per chunk
+            delta = th_next - th
+            th_next = th
+            rec = traj.step(s)
+            c = rule.coefficients(rec, **opts)
+            if s not in nodes_of:
+                nodes_of[s] = acc.nodes(s, th, delta)
+            nodes = nodes_of[s]
+            acc.ev_nodes[s] = nodes.num_nodes
+            phi = reverse_phi(pb.tf, th, delta, nodes, idx, pb.plan.pair_chunk, ks)
+            m, kc = phi.shape[:2]
+            acc.ev_jvp[s] += nodes.num_nodes * m * kc
+            rows = phi.reshape(m * kc, -1)
+            H, Hreg = recursion.step(c, rows)
+            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            o = segment_contract(H, c.gain[None] * Gp, pb.groups)          # [G, m*Kc, U]
+            ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
+            acc.add_gradient_step(s, present, idx, ks,
+                                  o.reshape(G, m, kc, -1).permute(0, 3, 1, 2),  # [G, U, m, Kc]
+                                  ro.reshape(G, m, kc))
+            acc.certify(s, (rows @ delta).reshape(m, kc), idx, ks)
+            if first:
+                bar.update(1)

@@ -1,0 +1,86 @@
+"""The attribution engine: exact ExPLAIND sums at any granularity, never the full tensor.
+
+    attribute(model, trajectory, test_inputs, ...) -> Attribution
+
+For each recorded update s (θ_s → θ_{s+1}, Δ_s = θ_{s+1} − θ_s) the contribution of parameter group
+g, data partition p, test row (x, j) is   −φ_s(x)_j · (Φ_s[p] restricted to g)   and the
+regularisation contribution is   −φ_s(x)_j · (r_s restricted to g),   with φ_s(x) = ∫_0^1 J(θ_s + tΔ_s)dt
+by quadrature (docs/design.md §1–4). The pipeline (docs/design.md §9):
+
+    prepare (problem.py) → Accumulator (accumulator.py) → update_credit | gradient_credit
+    (credit.py, which call contraction.py per step) → Accumulator.result() → Attribution
+
+Limits: test_inputs is one tensor (single-input models); the model must be row-wise in the batch
+(no BatchNorm in train mode); reverse mode splits rows down to single (sample, output) rows but
+never below one row of D numbers. Peak memory: docs/design.md §10 (symbols in planner.py).
+"""
+from __future__ import annotations
+
+from .accumulator import Accumulator
+from .credit import gradient_credit, update_credit
+from .problem import prepare
+from .result import Attribution
+
+
+def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
+              output="logits", params="all", data="all", steps="all",
+              quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
+              device=None, progress=True, credit="auto", max_intervals=64) -> Attribution:
+    """ExPLAIND contributions of a recorded training run, summed to the requested granularity.
+
+    Args:
+        model: the nn.Module (architecture; its trainable parameters must match the trajectory's
+            layout; its current weights are not used, frozen params and buffers are).
+        trajectory: a Trajectory (the read API of :class:`explaind_fast.store.Trajectory`).
+        test_inputs: [M, ...] inputs (floating inputs must have the attribution dtype).
+        test_targets: [M] targets, needed for output="loss" (and passed to a callable h).
+        train_data: (X, Y) tensors or a dataset of (x, y), indexed like the recorded batches;
+            needed when data != "all". loss_fn: per-sample loss (reduction='none'), default
+            cross-entropy; must match the training loss (the recorded weights w_{s,k} are applied).
+        output: "logits" | class index | list of indices | ("margin", i, j) | list of margins |
+            "loss" | [K, O] projection | callable h(outputs [M, O], targets) -> [M, K] (row-wise).
+        params: "all" | "tensor" | "module"/"layer" | {group: [name patterns]} | callable(name) |
+            "neuron" | "parameter" | int64 [D] group map.
+        data: "all" (no gradient recomputation) | "label" | "sample" | int [n_train] partition.
+        steps: "each" | window length | list of boundaries | "all".
+        quadrature: "midpoint:n" | "gauss-legendre:n" | "adaptive:tol" | "kinks:n" |
+            callable(s, theta_s, delta_s) -> NodeSet ([Q] or per-sample [M, Q]).
+        mode: "forward" | "reverse" | "auto" (planner).
+        memory_budget: bytes for the chunked work buffers (default 2 GiB); chunks shrink to fit.
+        credit: "update" (step where θ moved; forward recursion, P·D state), "gradient" (step
+            whose batch produced the gradient; backward recursion, reverse mode, 2·M·K·D state),
+            "auto" ("gradient" when data != "all" and steps="all", where both agree, else
+            "update").
+        max_intervals: cap on the adaptive rule's intervals per step.
+
+    Returns an :class:`Attribution` with kernel axes (step, param, data, test, output) minus the
+    summed ones (step if "all", param if "all", data if "all", output if a single output).
+    Contributions are to the *change* of the output (docs/design.md §1).
+    """
+    pb = prepare(model, trajectory, test_inputs, test_targets=test_targets, train_data=train_data,
+                 loss_fn=loss_fn, output=output, params=params, data=data, steps=steps,
+                 quadrature=quadrature, mode=mode, memory_budget=memory_budget, dtype=dtype,
+                 device=device, credit=credit, max_intervals=max_intervals)
+    acc = Accumulator(pb)
+    bar = _progress(pb.N, progress)
+    (update_credit if pb.credit == "update" else gradient_credit)(pb, acc, bar)
+    bar.close()
+    return acc.result()
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(N, progress):
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=N, desc="explaind steps", leave=False)

@@ -1,0 +1,119 @@
+"""The fused path-kernel reduction op, ``torch.ops.explaind_fast.path_kernel_reduce`` (docs/design.md §8).
+
+    out[g, r, p] += alpha * sum_q w[q] * sum_{i in [offsets[g], offsets[g+1])} J[q, r, i] * B[p, i]
+
+In the engine, J holds the per-row gradients J(θ_s + t_q Δ_s) at the quadrature nodes, w the
+quadrature weights, B the train-side D-vectors (Φ_s per partition, r_s) and offsets the parameter
+groups, so out[g, r, p] = φ_s(x)·B[p] restricted to group g. The op computes exactly this formula and
+knows nothing of signs, models, files or steps: tensors and offsets only.
+
+Backends (one schema, defined in C++ in csrc/):
+    CPU    C++ kernel (csrc/path_kernel_reduce.cpp), parallel over (group run, row block).
+    CUDA   Triton kernel (kernels/, launched by :mod:`.triton_launcher`), registered below.
+    Meta   the fake implementations below, so torch.compile can trace the op.
+
+This subpackage owns the op, its Triton launcher (:mod:`.triton_launcher`), its naive reference
+(:mod:`.reference`) and the one place that loads the compiled extension (:mod:`._extension`).
+May import: :mod:`explaind_fast.kernels` (lazily, on the first CUDA call). Never imports: any other
+explaind_fast subpackage.
+"""
+import torch
+
+from ._extension import load_extension
+
+load_extension()  # defines torch.ops.explaind_fast.* (raises one clear error if not built)
+
+__all__ = ["path_kernel_reduce", "accumulation_dtype"]
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def accumulation_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for float32 and bfloat16 inputs."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def path_kernel_reduce(J, w, B, offsets, *, out=None, alpha=1.0):
+    """Fused quadrature sum, train×test product and segment reduction.
+
+        out[g, r, p] += alpha * Σ_q w[q] Σ_{i ∈ [offsets[g], offsets[g+1])} J[q, r, i] * B[p, i]
+
+    Args:
+        J: [Q, R, D] float32 | bfloat16 | float64 (Q quadrature nodes, R rows, D coordinates).
+        w: [Q] quadrature weights, float32 (float64 when J is float64).
+        B: [P, D], dtype of J.
+        offsets: [G+1] int64, non-decreasing from 0 to D; group g is the coordinate range
+            [offsets[g], offsets[g+1]) (empty groups allowed, they add nothing).
+        out: optional [G, R, P] contiguous tensor of the accumulation dtype (float32, or float64
+            for float64 inputs), accumulated in place. Created zeroed when not given.
+        alpha: scalar factor applied to the sum (before it is added to out).
+
+    Returns:
+        out, [G, R, P]. bfloat16 inputs are read as bfloat16 and accumulated in float32.
+        NaN or inf anywhere in J, w or B propagates to the affected entries of out.
+
+    All tensors must be on one device. Every backend checks its inputs with the same C++ function
+    and raises RuntimeError naming the offending argument.
+
+    Peak extra memory (besides the inputs and out): CPU, per thread at most
+    128·min(R, 512) + P·(min(R, 512) + 256) accumulation-dtype scalars of scratch; CUDA, a work
+    list of 4·(number of work items ≤ G + D/split) int64. Non-contiguous J or B are copied once
+    (Q·R·D resp. P·D elements).
+    The sum order differs between backends, so results agree to rounding, not bitwise; the CUDA
+    backend adds split-K partial sums with atomics, so repeated GPU runs may differ by rounding.
+    """
+    if out is None:
+        return torch.ops.explaind_fast.path_kernel_reduce(J, w, B, offsets, float(alpha))
+    torch.ops.explaind_fast.path_kernel_reduce_accumulate(J, w, B, offsets, out, float(alpha))
+    return out
+
+
+def _check_metadata(J, w, B, offsets, out):
+    """Shape/dtype/device checks that need no data (for tracing); the real backends run the full
+    C++ check (csrc/path_kernel_reduce.cpp), which also checks the offset values."""
+    op = "path_kernel_reduce: "
+    torch._check(J.dim() == 3, lambda: f"{op}J must be a 3-D tensor [Q, R, D], got shape {list(J.shape)}")
+    torch._check(J.dtype in _INPUT_DTYPES,
+                 lambda: f"{op}J must have dtype float32, bfloat16 or float64, got {J.dtype}")
+    acc = accumulation_dtype(J.dtype)
+    torch._check(w.dim() == 1 and w.dtype == acc,
+                 lambda: f"{op}w must be a 1-D tensor of dtype {acc}, got {w.dtype} {list(w.shape)}")
+    torch._check(w.shape[0] == J.shape[0], lambda: f"{op}w must have length Q = J.size(0)")
+    torch._check(B.dim() == 2 and B.dtype == J.dtype,
+                 lambda: f"{op}B must be a 2-D tensor [P, D] of the dtype of J, got {B.dtype}")
+    torch._check(B.shape[1] == J.shape[2], lambda: f"{op}B.size(1) must equal D = J.size(2)")
+    torch._check(offsets.dim() == 1 and offsets.dtype == torch.int64,
+                 lambda: f"{op}offsets must be a 1-D int64 tensor, got {offsets.dtype}")
+    for name, t in (("w", w), ("B", B), ("offsets", offsets), ("out", out)):
+        if t is not None:
+            torch._check(t.device == J.device, lambda: f"{op}{name} is on {t.device} but J is on "
+                         f"{J.device}; all tensors must be on the same device")
+    if out is not None:
+        shape = [offsets.shape[0] - 1, J.shape[1], B.shape[0]]
+        torch._check(out.dtype == acc and list(out.shape) == shape,
+                     lambda: f"{op}out must have shape {shape} and dtype {acc}")
+
+
+@torch.library.register_fake("explaind_fast::path_kernel_reduce")
+def _path_kernel_reduce_fake(J, w, B, offsets, alpha=1.0):
+    _check_metadata(J, w, B, offsets, None)
+    return J.new_empty((offsets.shape[0] - 1, J.shape[1], B.shape[0]), dtype=accumulation_dtype(J.dtype))
+
+
+@torch.library.register_fake("explaind_fast::path_kernel_reduce_accumulate")
+def _path_kernel_reduce_accumulate_fake(J, w, B, offsets, out, alpha=1.0):
+    _check_metadata(J, w, B, offsets, out)
+
+
+@torch.library.register_kernel("explaind_fast::path_kernel_reduce", "cuda")
+def _path_kernel_reduce_cuda(J, w, B, offsets, alpha=1.0):
+    from explaind_fast.kernels import path_kernel_reduce_triton  # triton is imported on first use
+
+    return path_kernel_reduce_triton(J, w, B, offsets, alpha=alpha)
+
+
+@torch.library.register_kernel("explaind_fast::path_kernel_reduce_accumulate", "cuda")
+def _path_kernel_reduce_accumulate_cuda(J, w, B, offsets, out, alpha=1.0):
+    from explaind_fast.kernels import path_kernel_reduce_triton
+
+    path_kernel_reduce_triton(J, w, B, offsets, out=out, alpha=alpha)

@@ -1,0 +1,95 @@
+"""The two linear recursions of docs/design.md §3, and the step identity, as small state objects.
+
+    train:  E_s[p] = decay_s⊙E_{s−1}[p] + gain_s⊙G_s[p],   Φ_s[p] = scale_s⊙E_s[p]      (MomentRecursion)
+    reg:    R_s    = reg_decay_s⊙R_{s−1} + reg_gain_s⊙θ_s,  r_s    = reg_scale_s⊙R_s     (RegRecursion)
+    identity:  θ_{s+1} − θ_s = −Σ_p Φ_s[p] − r_s
+
+Backward in time (docs/design.md §3), per test row, with φ_i the row's test feature at step i:
+
+    H_i = scale_i⊙φ_i + decay_{i+1}⊙H_{i+1},   Hreg_i = reg_scale_i⊙φ_i + reg_decay_{i+1}⊙Hreg_{i+1}
+    Σ_s φ_s·Φ_s[p] = Σ_i gain_i⊙G_i[p]·H_i,    Σ_s φ_s·r_s = Σ_i reg_gain_i⊙θ_i·Hreg_i   (BackwardRecursion)
+
+Everything that runs one of these recursions (the engine, the store's replay, the test oracle, the
+benchmarks) uses these objects; the coefficients come from :meth:`OptimizerRule.coefficients`.
+Memory: MomentRecursion P·D, RegRecursion D, BackwardRecursion 2·rows·D numbers.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .rules import StepCoefficients
+
+
+class RegRecursion:
+    """R_s = reg_decay⊙R_{s−1} + reg_gain⊙θ_s (R_{−1} = 0); :meth:`step` returns r_s."""
+
+    def __init__(self, D: int, dtype=torch.float64, device=None):
+        self.R = torch.zeros(D, dtype=dtype, device=device)
+
+    def step(self, reg_decay: torch.Tensor, reg_gain: torch.Tensor, reg_scale: torch.Tensor,
+             theta_s: torch.Tensor) -> torch.Tensor:
+        """Advance with one step's reg coefficients (see ``StepCoefficients``); return r_s."""
+        self.R = reg_decay * self.R + reg_gain * theta_s
+        return reg_scale * self.R
+
+    def step_with(self, c: StepCoefficients, theta_s: torch.Tensor) -> torch.Tensor:
+        return self.step(c.reg_decay, c.reg_gain, c.reg_scale, theta_s)
+
+
+class MomentRecursion:
+    """E_s[p] = decay⊙E_{s−1}[p] + gain⊙G_s[p] for P partitions, updated in place ([P, D])."""
+
+    def __init__(self, P: int, D: int, dtype=torch.float64, device=None):
+        self.E = torch.zeros(P, D, dtype=dtype, device=device)
+
+    def step(self, c: StepCoefficients, G: torch.Tensor,
+             present: Optional[torch.Tensor] = None) -> None:
+        """G: [U, D] batch gradients of the partitions ``present`` ([U] ids; None = all P)."""
+        self.E.mul_(c.decay[None])
+        if present is None or len(present) == self.E.shape[0]:
+            # every partition in the batch: present = 0..P-1 (torch.unique returns them sorted)
+            self.E.addcmul_(c.gain[None], G)
+        else:
+            self.E[present] += c.gain[None] * G
+
+    def phi(self, c: StepCoefficients, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Φ_s = scale⊙E_s, [P, D] (written into ``out`` when given)."""
+        return torch.mul(c.scale[None], self.E, out=out)
+
+
+class BackwardRecursion:
+    """H and Hreg of one row chunk, run from the last step to the first (see module docstring)."""
+
+    def __init__(self):
+        self.H = self.Hreg = None
+        self._decay = self._reg_decay = None
+
+    def step(self, c: StepCoefficients, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows: [R, D] test features φ_i of step i (called for i = N−1, …, 0); returns (H_i,
+        Hreg_i)."""
+        if self.H is None:
+            self.H, self.Hreg = c.scale * rows, c.reg_scale * rows
+        else:
+            self.H = c.scale * rows + self._decay * self.H
+            self.Hreg = c.reg_scale * rows + self._reg_decay * self.Hreg
+        self._decay, self._reg_decay = c.decay, c.reg_decay
+        return self.H, self.Hreg
+
+
+def phi_all_from_update(delta: torch.Tensor, r: torch.Tensor,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ_p Φ_s[p] = −Δ_s − r_s (the step identity solved for the train side: data="all" needs no
+    gradient)."""
+    return torch.sub(-delta, r, out=out)
+
+
+def moment_from_update(c: StepCoefficients, delta: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """E_s = −(Δ_s + reg_scale⊙R_s)/scale (the data part of the first moment, from the identity)."""
+    return -(delta + c.reg_scale * R) / c.scale
+
+
+def gradient_from_moments(c: StepCoefficients, E: torch.Tensor, E_prev: torch.Tensor) -> torch.Tensor:
+    """G_s = (E_s − decay⊙E_{s−1})/gain (the batch gradient implied by two consecutive moments)."""
+    return (E - c.decay * E_prev) / c.gain

@@ -1,0 +1,194 @@
+"""Optimizer algebra: how AdamW, Adam (L2) and SGD-momentum update θ, one class each.
+
+Every supported optimizer is written as two linear recursions over recorded steps s = 0..N-1
+(docs/design.md §3), with per-coordinate [D] coefficient vectors returned by
+:meth:`OptimizerRule.coefficients` (the recursions themselves run in :mod:`.recursion`):
+
+    train:  E_s = decay_s ⊙ E_{s-1} + gain_s ⊙ G_s,      Φ_s = scale_s ⊙ E_s
+    reg:    R_s = reg_decay_s ⊙ R_{s-1} + reg_gain_s ⊙ θ_s,   r_s = reg_scale_s ⊙ R_s
+
+with E_{-1} = R_{-1} = 0 and G_s = Σ_{k∈B_s} w_{s,k} ∇θ L_k(θ_s) (w includes the clip factor). Then
+
+    θ_{s+1} − θ_s = − Σ_p Φ_s[p] − r_s                       (the step identity)
+
+    AdamW:      decay=β1, gain=1−β1, scale=α_s/((1−β1^t) d_s);   reg: decay 0, gain 1, scale α_s λ
+    Adam (L2):  decay=β1, gain=1−β1, scale=α_s/((1−β1^t) d_s);   reg: decay β1, gain (1−β1)λ, scale=scale
+    SGD:        decay=μ,  gain=1,    scale=α_s;                    reg: decay μ, gain λ, scale α_s
+
+where t = step_count (torch's counter, s+1 for an uninterrupted run) and
+d_s = sqrt(v_{s+1}/(1−β2^t)) + ε. Adding an optimizer is one new subclass here (and its torch class
+in :mod:`.torch_optim`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..model import ParamLayout
+
+
+@dataclass
+class StepRecord:
+    """What the store returns for update s (θ_s → θ_{s+1}); tensors are flat [D] in layout order.
+
+    Attributes:
+        index: s.
+        step_count: torch's step counter after this update (s+1 for an uninterrupted run).
+        lr, weight_decay: one value per optimizer param group (α_s, λ).
+        batch_indices: int64 [B] dataset indices of batch B_s.
+        batch_weights: float64 [B] loss weights w_{s,k} as given to ``set_batch`` (1/|B| for a
+            mean-reduced loss), *without* the clip factor.
+        clip_factor: the gradient-clipping scale of this step (1.0 when not clipped).
+        exp_avg_sq: v_{s+1}, the second moment *after* the update (AdamW/Adam), else None.
+        exp_avg: m_{s+1} when stored (subsampled checkpoints), else None.
+    """
+
+    index: int
+    step_count: int
+    lr: Sequence[float]
+    weight_decay: Sequence[float]
+    batch_indices: Optional[torch.Tensor] = None
+    batch_weights: Optional[torch.Tensor] = None
+    clip_factor: float = 1.0
+    exp_avg_sq: Optional[torch.Tensor] = None
+    exp_avg: Optional[torch.Tensor] = None
+
+    @property
+    def weights(self) -> Optional[torch.Tensor]:
+        """Effective sample weights w_{s,k}: loss weights times the clip factor."""
+        if self.batch_weights is None:
+            return None
+        return self.batch_weights.to(torch.float64) * float(self.clip_factor)
+
+
+@dataclass
+class StepCoefficients:
+    """Per-coordinate [D] vectors of the two recursions for one step (see module docstring)."""
+
+    decay: torch.Tensor
+    gain: torch.Tensor
+    scale: torch.Tensor
+    reg_decay: torch.Tensor
+    reg_gain: torch.Tensor
+    reg_scale: torch.Tensor
+
+
+class OptimizerRule:
+    """Base class. ``hyper`` holds one dict per param group (betas, eps, momentum, …)."""
+
+    kind: str = ""
+    #: whether torch's first-moment buffer (exp_avg / momentum_buffer) already contains the
+    #: weight-decay recursion R_s (coupled decay flows through the moment)
+    moment_includes_reg: bool = False
+    #: whether the optimizer keeps a second moment v (Adam-type)
+    has_second_moment: bool = False
+    #: whether the regularisation coefficients depend on v (then they need every raw step's v)
+    reg_uses_second_moment: bool = False
+
+    def __init__(self, layout: ParamLayout, hyper: List[Dict]):
+        self.layout = layout
+        self.hyper = hyper
+
+    def _vec(self, values: Sequence[float], dtype, device) -> torch.Tensor:
+        return self.layout.expand(values, dtype=dtype, device=device)
+
+    def coefficients(self, rec: StepRecord, dtype=torch.float64, device=None) -> StepCoefficients:
+        raise NotImplementedError
+
+    def reg_coefficients(self, rec: StepRecord, dtype=torch.float64, device=None):
+        """(reg_decay, reg_gain, reg_scale) of one step; for rules whose regularisation does not
+        depend on v this needs no second moment (subsampled trajectories store v sparsely)."""
+        c = self.coefficients(rec, dtype=dtype, device=device)
+        return c.reg_decay, c.reg_gain, c.reg_scale
+
+    def second_moment_input(self, rec: StepRecord, G: torch.Tensor, theta_s: torch.Tensor
+                            ) -> torch.Tensor:
+        """The gradient torch squares into v for this step (G = Σ w ∇L, the batch gradient)."""
+        return G
+
+    def update(self, rec: StepRecord, theta_s: torch.Tensor, E_all: torch.Tensor,
+               R: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """θ_{s+1} − θ_s = −scale ⊙ E_all − reg_scale ⊙ R (E_all, R after this step's recursion)."""
+        c = self.coefficients(rec, dtype=dtype, device=theta_s.device)
+        return -(c.scale * E_all) - c.reg_scale * R
+
+
+class AdamWRule(OptimizerRule):
+    """torch.optim.AdamW (decoupled decay), amsgrad=False, maximize=False."""
+
+    kind = "adamw"
+    has_second_moment = True
+
+    def _adam_scale(self, rec, dtype, device):
+        if rec.exp_avg_sq is None:
+            raise ValueError(f"step {rec.index}: the second moment v_(s+1) is not stored; "
+                             "Adam-type attribution needs it")
+        b1 = self._vec([h["betas"][0] for h in self.hyper], dtype, device)
+        b2 = self._vec([h["betas"][1] for h in self.hyper], dtype, device)
+        eps = self._vec([h["eps"] for h in self.hyper], dtype, device)
+        lr = self._vec(rec.lr, dtype, device)
+        t = float(rec.step_count)
+        v = rec.exp_avg_sq.to(device=device, dtype=dtype)
+        d = torch.sqrt(v / (1 - b2 ** t)) + eps
+        return b1, lr / ((1 - b1 ** t) * d)
+
+    def coefficients(self, rec, dtype=torch.float64, device=None):
+        b1, scale = self._adam_scale(rec, dtype, device)
+        reg_decay, reg_gain, reg_scale = self.reg_coefficients(rec, dtype, device)
+        return StepCoefficients(decay=b1, gain=1 - b1, scale=scale,
+                                reg_decay=reg_decay, reg_gain=reg_gain, reg_scale=reg_scale)
+
+    def reg_coefficients(self, rec, dtype=torch.float64, device=None):
+        lr = self._vec(rec.lr, dtype, device)
+        wd = self._vec(rec.weight_decay, dtype, device)
+        return torch.zeros_like(lr), torch.ones_like(lr), lr * wd
+
+
+class AdamL2Rule(AdamWRule):
+    """torch.optim.Adam with coupled (L2) weight decay: the decay flows through the first moment.
+
+    Exact because m is linear in g + λθ; v (nonlinear) enters only through the stored d_s.
+    """
+
+    kind = "adam"
+    moment_includes_reg = True
+    reg_uses_second_moment = True
+
+    def reg_coefficients(self, rec, dtype=torch.float64, device=None):
+        c = self.coefficients(rec, dtype=dtype, device=device)
+        return c.reg_decay, c.reg_gain, c.reg_scale
+
+    def second_moment_input(self, rec, G, theta_s):
+        return G + self._vec(rec.weight_decay, G.dtype, G.device) * theta_s
+
+    def coefficients(self, rec, dtype=torch.float64, device=None):
+        b1, scale = self._adam_scale(rec, dtype, device)
+        wd = self._vec(rec.weight_decay, dtype, device)
+        return StepCoefficients(decay=b1, gain=1 - b1, scale=scale,
+                                reg_decay=b1, reg_gain=(1 - b1) * wd, reg_scale=scale)
+
+
+class SGDMomentumRule(OptimizerRule):
+    """torch.optim.SGD with momentum μ, coupled weight decay, dampening 0, nesterov=False."""
+
+    kind = "sgd"
+    moment_includes_reg = True
+
+    def coefficients(self, rec, dtype=torch.float64, device=None):
+        mu = self._vec([h.get("momentum", 0.0) for h in self.hyper], dtype, device)
+        lr = self._vec(rec.lr, dtype, device)
+        wd = self._vec(rec.weight_decay, dtype, device)
+        return StepCoefficients(decay=mu, gain=torch.ones_like(lr), scale=lr,
+                                reg_decay=mu, reg_gain=wd, reg_scale=lr)
+
+
+RULES = {r.kind: r for r in (AdamWRule, AdamL2Rule, SGDMomentumRule)}
+
+
+def make_rule(kind: str, layout: ParamLayout, hyper: List[Dict]) -> OptimizerRule:
+    try:
+        return RULES[kind](layout, hyper)
+    except KeyError:
+        raise ValueError(f"unknown optimizer kind '{kind}'; supported: {sorted(RULES)}") from None
