@@ -20,7 +20,7 @@ import shutil
 import sys
 
 import torch
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +77,8 @@ if build_cuda:
 else:
     extension = CppExtension(**ext_kwargs)
 
+DEMOS = ["matplotlib", "scikit-learn"]
+
 with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
     long_description = f.read()
 
@@ -88,15 +90,21 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # kernels/ is installed as the subpackage explaind_fast.kernels, not as a top-level package.
-    packages=["explaind_fast", "explaind_fast.demos", "explaind_fast.kernels"],
+    packages=find_packages(include=["explaind_fast", "explaind_fast.*"]) + ["explaind_fast.kernels"],
     package_dir={"explaind_fast": "explaind_fast", "explaind_fast.kernels": "kernels"},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    # safetensors: the trajectory store and saved results; tqdm: progress bars; matplotlib and
-    # scikit-learn (its bundled 8×8 digits): the demos.
-    install_requires=["torch>=2.4", "triton", "numpy", "ninja", "pybind11", "safetensors", "tqdm",
-                      "matplotlib", "scikit-learn"],
+    # The runtime: torch, numpy, safetensors (the trajectory store and saved results), tqdm
+    # (progress bars) and triton where it runs (the CUDA kernel; Linux). ninja and pybind11 are
+    # build requirements (pyproject.toml), not runtime ones.
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm",
+                      "triton>=3.6; platform_system == 'Linux'"],
     entry_points={"console_scripts": ["explaind-fast = explaind_fast.cli:main"]},
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        # the demos' figures and scikit-learn's bundled 8×8 digits
+        "demos": DEMOS,
+        # the test suite runs the demos' smoke tests and checks the layer contract
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "import-linter>=2.1"] + DEMOS,
+    },
     zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""The model as a function of one flat parameter vector θ ∈ R^D (docs/design.md §2, §7).
+"""The model as a function of one flat parameter vector θ ∈ R^D (docs/design.md §2).
 
 Owns: how a module's trainable parameters are flattened (:class:`ParamLayout`) and how the module is
 evaluated at any θ with its frozen parameters and buffers (:class:`FunctionalModel`), and the output

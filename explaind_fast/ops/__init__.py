@@ -14,7 +14,7 @@ Backends (one schema, defined in C++ in csrc/):
 
 This subpackage owns the op, its Triton launcher (:mod:`.triton_launcher`), its naive reference
 (:mod:`.reference`) and the one place that loads the compiled extension (:mod:`._extension`).
-May import: :mod:`explaind_fast.kernels` (lazily, on the first CUDA call). Never imports: any other
+May import: :mod:`explaind_fast.kernels` (from the launcher, on the first CUDA call). Never imports: any other
 explaind_fast subpackage.
 """
 import torch
@@ -107,13 +107,13 @@ def _path_kernel_reduce_accumulate_fake(J, w, B, offsets, out, alpha=1.0):
 
 @torch.library.register_kernel("explaind_fast::path_kernel_reduce", "cuda")
 def _path_kernel_reduce_cuda(J, w, B, offsets, alpha=1.0):
-    from explaind_fast.kernels import path_kernel_reduce_triton  # triton is imported on first use
+    from .triton_launcher import path_kernel_reduce_triton  # triton is imported on first use
 
     return path_kernel_reduce_triton(J, w, B, offsets, alpha=alpha)
 
 
 @torch.library.register_kernel("explaind_fast::path_kernel_reduce_accumulate", "cuda")
 def _path_kernel_reduce_accumulate_cuda(J, w, B, offsets, out, alpha=1.0):
-    from explaind_fast.kernels import path_kernel_reduce_triton
+    from .triton_launcher import path_kernel_reduce_triton
 
     path_kernel_reduce_triton(J, w, B, offsets, out=out, alpha=alpha)

@@ -1,4 +1,4 @@
-"""The Triton kernel (explaind_fast.kernels.path_kernel_reduce_triton) against the naive float64
+"""The Triton backend (explaind_fast.ops.triton_launcher.path_kernel_reduce_triton) against the naive float64
 reference: on CUDA when present, else on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1,
 as .ci/run sets it). The interpreter is slow, so shapes stay small (D ≤ 2000). Oracles and
 tolerances: see explaind_fast/testing/op_cases.py."""
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from explaind_fast.testing.op_cases import assert_within, bad_inputs, case, reference64, rounding_bound, shape_id
-from explaind_fast.kernels import path_kernel_reduce as triton_module
-from explaind_fast.kernels import path_kernel_reduce_triton
+from explaind_fast.ops import triton_launcher as triton_module
+from explaind_fast.ops.triton_launcher import path_kernel_reduce_triton
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -151,7 +151,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from explaind_fast.kernels import path_kernel_reduce as m
+from explaind_fast.kernels import path_kernel_reduce_kernel
 
 results = {}
 for in_type, acc_type, block_p, allow_dot in json.loads(sys.argv[1]):
@@ -162,7 +162,7 @@ for in_type, acc_type, block_p, allow_dot in json.loads(sys.argv[1]):
                  "LEN_BUCKET": "i32", "BLOCK_R": "constexpr", "BLOCK_P": "constexpr",
                  "BLOCK_K": "constexpr", "ALLOW_DOT": "constexpr"}
     constexprs = {"BLOCK_R": 32, "BLOCK_P": block_p, "BLOCK_K": 16, "ALLOW_DOT": allow_dot}
-    compiled = triton.compile(ASTSource(m._path_kernel_reduce_kernel, signature, constexprs=constexprs),
+    compiled = triton.compile(ASTSource(path_kernel_reduce_kernel, signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
     results[in_type] = {"uses_dot": "tt.dot" in compiled.asm["ttgir"], "cubin_bytes": len(compiled.asm["cubin"])}
 print(json.dumps(results))
