@@ -95,10 +95,11 @@ setup(
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The runtime: torch, numpy, safetensors (the trajectory store and saved results), tqdm
-    # (progress bars) and triton where it runs (the CUDA kernel; Linux). ninja and pybind11 are
-    # build requirements (pyproject.toml), not runtime ones.
+    # (progress bars) and triton where it runs (the CUDA kernel; Linux): 3.6 (the GPU machine's,
+    # tested in CI by .ci/triton_oldest.sh) through 3.9 are tested. ninja and pybind11 are build
+    # requirements (pyproject.toml), not runtime ones.
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm",
-                      "triton>=3.6; platform_system == 'Linux'"],
+                      "triton>=3.6,<4; platform_system == 'Linux'"],
     entry_points={"console_scripts": ["explaind-fast = explaind_fast.cli:main"]},
     extras_require={
         # the demos' figures and scikit-learn's bundled 8×8 digits

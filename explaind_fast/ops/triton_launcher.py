@@ -7,6 +7,7 @@ is registered as the CUDA kernel of torch.ops.explaind_fast.path_kernel_reduce (
 with TRITON_INTERPRET=1 set before triton is imported it also runs on CPU tensors (how CI tests it).
 Importing this module imports triton; nothing here touches a GPU before the first call.
 """
+import contextlib
 import functools
 
 import numpy as np
@@ -64,6 +65,56 @@ def build_work_items(offsets_cpu, split):
 def _is_interpreted():
     """Whether @triton.jit produced an interpreted kernel (TRITON_INTERPRET=1 at import time)."""
     return type(path_kernel_reduce_kernel).__name__ == "InterpretedFunction"
+
+
+# Triton interpreter compatibility (CPU only; the compiled GPU kernel is not affected).
+# The interpreter runs the kernel body as Python and holds every scalar (a loaded value, an int
+# argument such as Q) as a 1-element 1-D numpy array, so `range(g_begin, g_end)` calls the tensor's
+# __index__. Triton 3.6's interpreter implements it as int(handle.data), which NumPy >= 2.4 rejects
+# ("only 0-dimensional arrays can be converted to Python scalars"); Triton >= 3.7 uses
+# int(handle.data.squeeze()) (triton-lang/triton#9171, fixed by #9172). Loop bounds read at run time
+# are ordinary Triton, and rewriting the loops (e.g. as while loops) would change the compiled GPU
+# code, so instead the launcher applies upstream's fix while it runs this kernel, and only where a
+# probe shows that the installed interpreter needs it.
+@triton.jit
+def _runtime_loop_bound_probe(n):
+    for _ in range(n):
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_needs_index_fix():
+    from triton.runtime.errors import InterpreterError
+
+    try:
+        _runtime_loop_bound_probe[(1,)](1)
+    except InterpreterError as e:
+        if not isinstance(e.__cause__, TypeError):
+            raise
+        return True
+    except TypeError:  # TRITON_FRONT_END_DEBUGGING=1 re-raises the kernel's own error
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _interpreter_index_fix():
+    if not _interpreter_needs_index_fix():
+        yield
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor  # patches tl.tensor for the duration of one launch
+
+    def patch_tensor_fixed(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_fixed
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = patch_tensor
 
 
 def _interpreter_config(P, in_dtype):
@@ -173,7 +224,8 @@ def path_kernel_reduce_triton(J, w, B, offsets, out=None, alpha=1.0, *, split=No
     if _is_interpreted():
         cfg = _interpreter_config(P, J.dtype)
         grid = (n_work, triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(P, cfg["BLOCK_P"]))
-        path_kernel_reduce_kernel[grid](*args, ALLOW_DOT=allow_dot, **cfg)
+        with _interpreter_index_fix():
+            path_kernel_reduce_kernel[grid](*args, ALLOW_DOT=allow_dot, **cfg)
     else:
         def grid(meta):
             return (n_work, triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(P, meta["BLOCK_P"]))
