@@ -140,8 +140,7 @@ def main(argv=None):
         b = min(N, a + args.window)
         ones = torch.ones(1, model.vocab, dtype=dtype, device=device)
         row, _ = _timed(f"decoder train×test steps {a}-{b}", lambda: attribute(
-            model, traj, vx[:M], train_data=(tx, ty), params={"decoder": ["decoder.*"],
-                                                              "rest": ["*"]},
+            model, traj, vx[:M], train_data=(tx, ty), params={"decoder": ["decoder.*"]},
             data="sample", steps=[a, b], quadrature=args.fine_rule, output=ones,
             credit="update", **common), device, log)
         rows.append(row)

@@ -88,7 +88,7 @@ def bench_shape(G, R, D, P, dtype, device, repeats, mem_cap_bytes, backend="op",
     from explaind_fast.ops.reference import path_kernel_reduce_naive
 
     if backend == "triton":  # the Triton launcher directly (on CPU tensors: TRITON_INTERPRET=1)
-        from explaind_fast.kernels import path_kernel_reduce_triton as path_kernel_reduce
+        from explaind_fast.ops.triton_launcher import path_kernel_reduce_triton as path_kernel_reduce
     else:
         from explaind_fast.ops import path_kernel_reduce
 

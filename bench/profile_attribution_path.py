@@ -32,7 +32,7 @@ elif which == "params":
 else:
     N = traj.num_steps
     ones = torch.ones(1, model.vocab, dtype=dtype)
-    fn = lambda: attribute(model, traj, vx[:M], train_data=(data.train_x, data.train_y), params={"decoder": ["decoder.*"], "rest": ["*"]}, data="sample", steps=[0, N], quadrature=rule, output=ones, credit="update", progress=False, dtype=dtype)
+    fn = lambda: attribute(model, traj, vx[:M], train_data=(data.train_x, data.train_y), params={"decoder": ["decoder.*"]}, data="sample", steps=[0, N], quadrature=rule, output=ones, credit="update", progress=False, dtype=dtype)
 prof = os.environ.get("PROF")
 t0 = time.perf_counter()
 if prof:

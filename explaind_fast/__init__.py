@@ -24,6 +24,8 @@ _EXPORTS = {
     "Trajectory": "explaind_fast.store",
     "attribute": "explaind_fast.attribution",
     "Attribution": "explaind_fast.attribution",
+    "AttributionWarning": "explaind_fast.attribution",
+    "CertificateError": "explaind_fast.attribution",
     "NodeSet": "explaind_fast.quadrature",
 }
 _SUBPACKAGES = ("model", "optim", "store", "recording", "quadrature", "attribution", "ops",

@@ -12,7 +12,8 @@ May import: :mod:`explaind_fast.model`, :mod:`explaind_fast.optim`, :mod:`explai
 :mod:`explaind_fast.ops`. Never imports: recording, store (a trajectory is used only through its
 read API), demos, testing.
 """
+from .certificate import AttributionWarning, CertificateError
 from .engine import attribute
 from .result import Attribution
 
-__all__ = ["attribute", "Attribution"]
+__all__ = ["attribute", "Attribution", "AttributionWarning", "CertificateError"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..quadrature import NodeSet, NodeStats, PathStep
+from . import certificate
 from .problem import Problem
 from .result import Attribution
 
@@ -30,6 +31,9 @@ class Accumulator:
         self.reg = torch.zeros(S, G, M, K, **opts)
         self.residual = torch.zeros(N, M, K, **opts)
         self.change = torch.zeros(N, **opts)          # on device: no per-step host sync
+        self.mass = torch.zeros(M, K, **opts)         # Σ |contribution| per row (certificate scale)
+        self.identity = certificate.IdentityCheck(pb.traj.rule, N, pb.dtype, pb.traj.dtype) \
+            if pb.per_sample_data else None
         self.ev_nodes = torch.zeros(N, dtype=torch.int64)
         self.ev_jvp = torch.zeros(N, dtype=torch.int64)
         self.ev_fwd = torch.zeros(N, dtype=torch.int64)
@@ -73,6 +77,7 @@ class Accumulator:
         w = self.window_of[s]
         self.kernel[w] -= out[:, :P]
         self.reg[w] -= out[:, P]
+        self.mass += out.abs().sum((0, 1))
 
     def add_gradient_step(self, s: int, present, idx, ks, kernel_part, reg_part) -> None:
         """Gradient-credit contributions of step s for the partitions ``present`` and the rows
@@ -80,18 +85,22 @@ class Accumulator:
         kw = self.kernel[self.window_of[s]]
         kw[:, present.to(kw.device), idx, ks] -= kernel_part
         self.reg[self.window_of[s], :, idx, ks] -= reg_part
+        self.mass[idx, ks] += kernel_part.abs().sum((0, 1)) + reg_part.abs().sum(0)
 
     def certify(self, s: int, jd: torch.Tensor, idx=slice(None), ks=slice(None)) -> None:
         """Quadrature residual of step s for rows (idx, ks): h(f(θ_{s+1})) − h(f(θ_s)) − φ_s·Δ_s."""
         F0, F1 = self.endpoints(s)
         self.residual[s, idx, ks] = (F1 - F0)[idx, ks] - jd
-        self.change[s] = (F1 - F0).abs().max()
+        self.change[s] = _finite_max((F1 - F0).abs())
 
     # ------------------------------------------------------------------ the result
-    def result(self) -> Attribution:
+    def result(self, strict: bool = False) -> Attribution:
+        """The Attribution, after its certificate (:mod:`.certificate`) has been checked: a failed
+        check warns (raises under ``strict``)."""
         pb = self.problem
         final = self.values(pb.N)
         initial = pb.initial
+        cert = self._certificate(final)
         keep = {"step": pb.windows.keep, "param": pb.groups.keep, "data": pb.part.keep,
                 "test": True, "output": pb.out_spec.keep}
         kernel = _drop_axes(self.kernel, KERNEL_DIMS, keep)
@@ -103,13 +112,50 @@ class Accumulator:
         axes = {"step": pb.windows.labels, "param": pb.groups.names, "data": pb.part.labels,
                 "test": list(range(pb.M)), "output": out_labels}
         axes = {k: v for k, v in axes.items() if keep[k]}
-        res_max = self.residual.abs().flatten(1).amax(1).to(torch.float64)
-        tiny = torch.finfo(torch.float64).tiny
-        res_rel = res_max / self.change.to(torch.float64).clamp_min(tiny)
+        res_max, res_rel = self._residuals()
         evaluations = {"quadrature_nodes": self.ev_nodes, "jvp_or_rows": self.ev_jvp,
                        "forward_passes": self.ev_fwd, "adaptive_cap_hit": self.ev_cap}
-        return Attribution(kernel, reg, dims, axes, initial, final, res_max, res_rel,
-                           evaluations, pb.credit, pb.plan.to_dict(), pb.rule.text)
+        identity = self.identity.relative if self.identity is not None else \
+            torch.full((pb.N,), float("nan"), dtype=torch.float64)
+        out = Attribution(kernel, reg, dims, axes, initial, final, res_max, res_rel,
+                          evaluations, pb.credit, pb.plan.to_dict(), pb.rule.text,
+                          step_identity=identity, certificate=cert.to_dict())
+        certificate.report(cert, strict)
+        return out
+
+    def _residuals(self):
+        """Per step: max over (finite) rows of |residual|, and that over the step's change."""
+        res_max = _finite_max(self.residual.abs().flatten(1), dim=1).to(torch.float64)
+        tiny = torch.finfo(torch.float64).tiny
+        return res_max, res_max / self.change.to(torch.float64).clamp_min(tiny)
+
+    def _certificate(self, final) -> "certificate.Certificate":
+        pb = self.problem
+        cert = certificate.Certificate()
+        if self.identity is not None:
+            self.identity.close()
+            cert.identity_failed_steps = sorted(self.identity.failed)
+            cert.identity_tolerance_rel = certificate.IDENTITY_REL.get(pb.dtype, 5e-2)
+            if self.identity.failed:
+                worst = float(self.identity.relative.nan_to_num(float("inf")).max())
+                cert.problems.append(
+                    "the recomputed training gradients do not reproduce the recorded updates "
+                    f"(step identity) at steps {certificate._steps_text(cert.identity_failed_steps)}, "
+                    f"relative defect up to {worst:.3g}")
+        certificate.finish(cert, kernel_rows=self.kernel.sum((0, 1, 2)), reg_rows=self.reg.sum((0, 1)),
+                           initial=pb.initial, final=final, residual_sum=self.residual.sum(0),
+                           mass=self.mass, step_residual_rel=self._residuals()[1], dtype=pb.dtype,
+                           rule_tolerance=float(getattr(pb.rule, "tol", 0.0)))
+        if cert.identity_failed_steps or any("do not add up" in p for p in cert.problems):
+            cert.causes = certificate.likely_causes(pb.model, pb.per_sample_data,
+                                                    bool(cert.identity_failed_steps))
+        return cert
+
+
+def _finite_max(t: torch.Tensor, dim=None) -> torch.Tensor:
+    """max over finite entries (0 where none): a NaN row must not hide the other rows' values."""
+    t = torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+    return t.max() if dim is None else t.amax(dim)
 
 
 def _drop_axes(t: torch.Tensor, dims, keep) -> torch.Tensor:

@@ -109,9 +109,13 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
         ths = theta_s[None] + t[sl, None] * delta[None]
         J = jac(ths, X[si.to(X.device)], None if tg is None else tg[si.to(tg.device)])
         J.mul_(w[sl, None, None])                 # [c, K, D]; in place: J is fresh, c·K·D numbers
-        # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
-        onehot = (torch.arange(m)[:, None] == si[None, :]).to(device=J.device, dtype=J.dtype)
-        part = (onehot @ J.reshape(J.shape[0], -1)).reshape((m,) + J.shape[1:])
+        if J.device.type == "cpu" and bool(torch.isfinite(J).all()):
+            # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
+            onehot = (torch.arange(m)[:, None] == si[None, :]).to(device=J.device, dtype=J.dtype)
+            part = (onehot @ J.reshape(J.shape[0], -1)).reshape((m,) + J.shape[1:])
+        else:   # (on CPU: 0·NaN in the matmul would spread a sample's NaN/inf to all samples)
+            part = torch.zeros((m,) + J.shape[1:], dtype=J.dtype, device=J.device)
+            part.index_add_(0, si.to(J.device), J)
         phi = part if phi is None else phi + part
     return phi
 

@@ -41,6 +41,7 @@ def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
             r = reg.step_with(c, th)
         if pb.per_sample_data:
             present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            acc.identity.step(s, c, rec, th, delta, th_next, Gp.sum(0))
             moments.step(c, Gp, present)
             moments.phi(c, out=B[:P])
         else:
@@ -85,6 +86,8 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
             rows = phi.reshape(m * kc, -1)
             H, Hreg = recursion.step(c, rows)
             present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            if first:
+                acc.identity.step(s, c, rec, th, delta, th + delta, Gp.sum(0), backward=True)
             o = segment_contract(H, c.gain[None] * Gp, pb.groups)          # [G, m*Kc, U]
             ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
             acc.add_gradient_step(s, present, idx, ks,

@@ -25,7 +25,8 @@ from .result import Attribution
 def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
               output="logits", params="all", data="all", steps="all",
               quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
-              device=None, progress=True, credit="auto", max_intervals=64) -> Attribution:
+              device=None, progress=True, credit="auto", max_intervals=64,
+              strict=False) -> Attribution:
     """ExPLAIND contributions of a recorded training run, summed to the requested granularity.
 
     Args:
@@ -52,6 +53,10 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
             "auto" ("gradient" when data != "all" and steps="all", where both agree, else
             "update").
         max_intervals: cap on the adaptive rule's intervals per step.
+        strict: raise :class:`CertificateError` instead of warning (:class:`AttributionWarning`)
+            when the result fails its certificate: the step identity of the recomputed gradients,
+            the reconstruction, the quadrature tolerance, non-finite rows (see
+            :mod:`explaind_fast.attribution.certificate` for the tolerances).
 
     Returns an :class:`Attribution` with kernel axes (step, param, data, test, output) minus the
     summed ones (step if "all", param if "all", data if "all", output if a single output).
@@ -65,7 +70,7 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
     bar = _progress(pb.N, progress)
     (update_credit if pb.credit == "update" else gradient_credit)(pb, acc, bar)
     bar.close()
-    return acc.result()
+    return acc.result(strict=strict)
 
 
 class _NoBar:

@@ -104,10 +104,19 @@ def parse_params(spec, layout: ParamLayout) -> ParamGroups:
                              "'neuron', 'parameter', a dict of name patterns, a callable or a [D] "
                              "tensor of group ids")
     elif isinstance(spec, dict):
+        patterns = {g: ([pats] if isinstance(pats, str) else list(pats)) for g, pats in spec.items()}
+        for g, pats in patterns.items():
+            for p in pats:
+                if not any(fnmatch.fnmatchcase(n, p) for n in layout.names):
+                    raise ValueError(f"params: pattern {p!r} of group {g!r} matches no trainable "
+                                     f"parameter (they are named like {layout.names[:3]}); fix "
+                                     "the pattern or drop it")
         labels = []
         for n in layout.names:
-            hit = [g for g, pats in spec.items()
-                   if any(fnmatch.fnmatchcase(n, p) for p in ([pats] if isinstance(pats, str) else pats))]
+            hit = [g for g, pats in patterns.items() if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+            if len(hit) > 1:
+                raise ValueError(f"params: parameter {n!r} matches the patterns of several groups "
+                                 f"{hit}; every parameter may belong to one group only")
             labels.append(hit[0] if hit else "other")
         ids, names = _groups_from_tensor_labels(layout, labels)
         spec = "dict"
@@ -184,6 +193,11 @@ def parse_data(spec, n_train: Optional[int], train_targets: Optional[torch.Tenso
     ids = spec.to(torch.int64).cpu()
     if int(ids.min()) < 0:
         raise ValueError(f"data: partition label {int(ids.min())} is out of range (must be >= 0)")
+    if labels is None and int(ids.max()) >= max(n_train, 1):
+        raise ValueError(f"data: partition id {int(ids.max())} for a training set of {n_train} "
+                         "samples: ids index the data axis of the result (one slot per id up to "
+                         "the largest), so use consecutive ids, e.g. "
+                         "torch.unique(ids, return_inverse=True)[1], or pass (ids, labels)")
     if labels is None:
         labels = list(range(int(ids.max()) + 1))
     elif int(ids.max()) >= len(labels):

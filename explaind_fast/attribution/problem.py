@@ -9,6 +9,8 @@ needs) and asks the planner for the contraction order and chunk sizes.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -79,6 +81,16 @@ class Problem:
         return len(self.windows.bounds)
 
 
+def _device_memory(device: torch.device) -> int:
+    """Total memory of the device in bytes (physical RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def check_modules(model: nn.Module, per_sample_data: bool) -> None:
     """Refuse modules that make the model non-separable per sample or random."""
     for name, mod in model.named_modules():
@@ -121,6 +133,11 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     traj = trajectory
     layout = traj.layout
     layout.check_model(model)
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
+                not math.isfinite(memory_budget) or memory_budget <= 0:
+            raise ValueError(f"memory_budget={memory_budget!r}: expected a positive number of bytes "
+                             "(e.g. 2 * 1024**3), or None for the default 2 GiB")
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
     if device is None:
@@ -185,14 +202,24 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     tf = TestFunction(fm, X, test_targets, out_spec.h)
     theta0 = traj.theta(0, dtype=dtype, device=device)
     try:
-        A, initial = activation_count(model, lambda: tf.values(theta0))
+        A, raw = activation_count(model, lambda: fm(theta0, X))
     except (RuntimeError, IndexError, TypeError) as e:
         raise ValueError(f"test_inputs of shape {tuple(X.shape)} and dtype {X.dtype} could not be "
                          f"fed to the model: {e}") from None
-    if initial.dim() != 2 or initial.shape[0] != M:
+    try:
+        with torch.no_grad():
+            initial = out_spec.h(raw, test_targets)
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
+        raise ValueError(f"output={output!r} could not be applied to the model's outputs "
+                         f"({shape}): {e}") from None
+    if not isinstance(initial, torch.Tensor) or initial.dim() != 2 or initial.shape[0] != M:
         raise ValueError(f"the output functional must give [M, K] = [{M}, K], got "
-                         f"{tuple(initial.shape)}")
+                         f"{tuple(initial.shape) if isinstance(initial, torch.Tensor) else initial!r}")
     K = initial.shape[1]
+    if K == 0:
+        raise ValueError(f"output={output!r} gives no outputs per test sample ([{M}, 0]); it must "
+                         "select at least one")
     D, G, P = layout.D, groups.G, part.P
     itemsize = torch.finfo(dtype).bits // 8
     plan = make_plan(D=D, M=M, K=K, G=G, P=P, Q=rule.expected_nodes, A=max(1, A // M),
@@ -200,6 +227,15 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
                      data_all=not per_sample_data,
                      fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS))
     budget = plan.memory_budget
+    S = len(windows.bounds)
+    result_bytes = itemsize * (S * G * (P + 1) * M * K + traj.num_steps * M * K)
+    available = _device_memory(device)
+    if result_bytes > available:
+        raise ValueError(f"the result alone needs {result_bytes / 2**30:.3g} GiB (kernel "
+                         f"[S={S}, G={G}, P={P}, M={M}, K={K}] plus reg and residuals, {itemsize} B "
+                         f"each), more than the {available / 2**30:.3g} GiB of {device}: keep fewer "
+                         "axes (steps='all', coarser params or data, fewer outputs) or split the "
+                         "test set")
     if per_sample_data and credit == "update" and P * D * itemsize > budget:
         raise ValueError(f"update-step credit keeps one D-vector per data partition: {P}×{D}×"
                          f"{itemsize} B = {P * D * itemsize} B exceeds memory_budget={budget}; "

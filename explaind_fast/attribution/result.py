@@ -27,7 +27,13 @@ class Attribution:
         reconstruction_error: max |initial + kernel.sum + reg.sum − final|.
         step_residual: [N] max over rows of the quadrature residual
             h(f(θ_{s+1})) − h(f(θ_s)) − φ_s·Δ_s; step_residual_relative: divided by the step's
-            max |change|.
+            max |change| (rows with non-finite values are left out of both).
+        step_identity: [N] float64, per-sample data only (NaN for data="all", exact by
+            construction): max_i |ρ_s| / max_i |Δ_s|, ρ_s the step identity residual of step s
+            with the recomputed gradients (docs/design.md §9, explaind_fast.attribution.certificate).
+        certificate: what the result's checks found (reconstruction defect and tolerance, steps
+            failing the identity or the quadrature tolerance, non-finite rows, likely causes);
+            ``certificate["problems"]`` is empty when every check passed.
         evaluations: per-step counters (quadrature nodes, JVP/Jacobian-row evaluations, forward
             passes, adaptive cap hits).
         credit: "update" — a contribution is credited to the step where θ moved (forward
@@ -37,7 +43,8 @@ class Attribution:
     """
 
     def __init__(self, kernel, reg, dims, axes, initial, final, step_residual,
-                 step_residual_relative, evaluations, credit, plan, quadrature):
+                 step_residual_relative, evaluations, credit, plan, quadrature,
+                 step_identity=None, certificate=None):
         self.kernel, self.reg = kernel, reg
         self.dims = tuple(dims)
         self.axes = dict(axes)
@@ -48,6 +55,10 @@ class Attribution:
         self.credit = credit
         self.plan = plan
         self.quadrature = quadrature
+        n = step_residual.shape[0]
+        self.step_identity = (torch.full((n,), float("nan"), dtype=torch.float64)
+                              if step_identity is None else step_identity)
+        self.certificate = dict(certificate or {})
 
     @property
     def reg_dims(self) -> Tuple[str, ...]:
@@ -120,12 +131,14 @@ class Attribution:
         from safetensors.torch import save_file
         tensors = {"kernel": self.kernel, "reg": self.reg, "initial": self.initial,
                    "final": self.final, "step_residual": self.step_residual,
-                   "step_residual_relative": self.step_residual_relative}
+                   "step_residual_relative": self.step_residual_relative,
+                   "step_identity": self.step_identity}
         tensors.update({f"evaluations.{k}": v for k, v in self.evaluations.items()})
         meta = {"dims": list(self.dims), "axes": {k: [x if isinstance(x, (int, float, str))
                                                        else str(x) for x in v]
                                                    for k, v in self.axes.items()},
                 "credit": self.credit, "plan": self.plan, "quadrature": self.quadrature,
+                "certificate": self.certificate,
                 "format": "explaind_fast.Attribution/1"}
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
                   metadata={"explaind_fast": json.dumps(meta)})
@@ -142,7 +155,8 @@ class Attribution:
         ev = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("evaluations.")}
         return cls(t["kernel"], t["reg"], meta["dims"], meta["axes"], t["initial"], t["final"],
                    t["step_residual"], t["step_residual_relative"], ev, meta["credit"],
-                   meta["plan"], meta["quadrature"])
+                   meta["plan"], meta["quadrature"], step_identity=t.get("step_identity"),
+                   certificate=meta.get("certificate"))
 
     def __repr__(self):
         shape = dict(zip(self.dims, self.kernel.shape))

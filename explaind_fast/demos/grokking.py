@@ -236,7 +236,7 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
     wins = _windows(N, cfg.influence_windows, cfg.influence_window_len)
     log(f"[grokking] Figures 4/5 analogue: per-training-sample influence in windows {wins}")
     bounds = sorted({b for w in wins for b in w})
-    groups = {"decoder": ["decoder.*"], "linear 2": ["mlp.linear2.*"], "rest": ["*"]}
+    groups = {"decoder": ["decoder.*"], "linear 2": ["mlp.linear2.*"]}   # the rest: "other"
     ones = torch.ones(1, model.vocab, dtype=dtype, device=dev)   # Ψ summed over output dims
     t0 = time.perf_counter()
     a4 = attribute(model, tr.trajectory, ax, train_data=(tx, ty), params=groups, data="sample",

@@ -93,3 +93,30 @@ def moment_from_update(c: StepCoefficients, delta: torch.Tensor, R: torch.Tensor
 def gradient_from_moments(c: StepCoefficients, E: torch.Tensor, E_prev: torch.Tensor) -> torch.Tensor:
     """G_s = (E_s − decay⊙E_{s−1})/gain (the batch gradient implied by two consecutive moments)."""
     return (E - c.decay * E_prev) / c.gain
+
+
+def implied_moment(rule, c: StepCoefficients, delta: torch.Tensor, theta_s: torch.Tensor,
+                   stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first moment torch holds after step s (exp_avg / momentum buffer), as the recorded update
+    implies it: ``stored`` when the store has it, else solved from the step identity.
+
+    Every supported rule's regularisation recursion is either memoryless (reg_decay = 0, R_s =
+    reg_gain⊙θ_s: AdamW) or flows through the moment itself (reg_decay = decay, reg_scale = scale:
+    Adam-L2, SGD), so θ_s and Δ_s suffice: m_s = −Δ_s/scale, resp. −(Δ_s + reg_scale⊙reg_gain⊙θ_s)/scale.
+    Where scale = 0 (lr = 0) the update does not determine m; the recorder stores it then.
+    """
+    if stored is not None:
+        return stored.to(delta)
+    if rule.moment_includes_reg:
+        return -delta / c.scale
+    return -(delta + c.reg_scale * c.reg_gain * theta_s) / c.scale
+
+
+def implied_gradient(rule, c: StepCoefficients, m: torch.Tensor, m_prev: torch.Tensor,
+                     theta_s: torch.Tensor) -> torch.Tensor:
+    """The batch gradient G_s = Σ_k w_k ∇L_k(θ_s) that two consecutive first moments (from
+    :func:`implied_moment`; m_prev = 0 before the first step) imply."""
+    g = (m - c.decay * m_prev) / c.gain
+    if rule.moment_includes_reg:
+        g = g - (c.reg_gain / c.gain) * theta_s
+    return g

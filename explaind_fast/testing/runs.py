@@ -55,6 +55,7 @@ class MemoryTrajectory:
         self.hyper = hyper
         self.rule = make_rule(kind, layout, hyper)
         self._thetas = thetas
+        self.dtype = thetas[0].dtype          # the storage dtype of θ
         self._records = records
         self.dataset_size = dataset_size
         self.checkpoint_every = 1
