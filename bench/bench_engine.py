@@ -55,13 +55,13 @@ def naive_layers(model, traj, Xte, rule, dtype):
 
     nodes = parse_quadrature(rule).nodes()
     N = traj.num_steps
-    reg = RegRecursion(layout.D, dtype)
+    recursion = RegRecursion(layout.D, dtype)
     kern, reg = [], []
     for s in range(N):
         th, th1 = traj.theta(s, dtype=dtype), traj.theta(s + 1, dtype=dtype)
         delta = th1 - th
         c = traj.rule.coefficients(traj.step(s), dtype=dtype)
-        r = reg.step_with(c, th)
+        r = recursion.step_with(c, th)
         Phi = -delta - r
         phi = 0
         for t, w in zip(nodes.t.tolist(), nodes.w.tolist()):
