@@ -14,40 +14,31 @@ recording, then times, on the recorded trajectory:
     decoder window the decoder's train × test matrix (data="sample", output summed) for one window of
                    --window steps (paper: 50) in the middle of the run
 
-For each: wall time, peak memory (torch.cuda.max_memory_allocated on CUDA; on the CPU the process's
-max RSS, which only grows, so read it as an upper bound), the planner's mode and estimates, the
-reconstruction error and the worst relative quadrature residual. Writes JSON with --out.
+For each: wall and CPU time, peak memory during the run (explaind_fast.testing.benchmark.track_peak:
+torch.cuda.max_memory_allocated on CUDA; on the CPU the RSS high-water mark, reset before each run
+through /proc/self/clear_refs; "peak_bytes" is the absolute peak, "peak_extra_bytes" the part above
+what the process held before the run), the planner's mode and estimates, the reconstruction error and
+the worst relative quadrature residual. Writes JSON with --out (a bare file name: bench/results/),
+with the environment row (device, versions, threads, OMP_WAIT_POLICY, load average, date).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import resource
 import tempfile
-import time
 
 import torch
 
-
-def _peak(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from explaind_fast.testing import benchmark as bm
 
 
 def _timed(name, fn, device, log):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    attr = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
-    row = {"run": name, "wall_s": wall, "peak_bytes": _peak(device),
+    with bm.track_peak(device) as peak, bm.measure(device) as m:
+        attr = fn()
+    wall = m.wall_s
+    row = {"run": name, "wall_s": wall, "cpu_s": m.cpu_s, "system_s": m.system_s,
+           "minor_faults": m.minor_faults, "peak_bytes": peak["peak_bytes"],
+           "peak_extra_bytes": peak["peak_extra_bytes"], "peak_method": peak["method"],
            "reconstruction_error": float(attr.reconstruction_error),
            "max_step_residual_rel": float(attr.step_residual_relative.max()),
            "plan": _plan_summary(attr), "evaluations": _jsonable(getattr(attr, "evaluations", None))}
@@ -98,13 +89,13 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    bm.set_threads(args.threads)
 
     cfg = PRESETS[args.size].with_overrides(max_steps=args.max_steps, dtype=args.dtype)
     device = torch.device(args.device)
     dtype = getattr(torch, cfg.dtype)
     log = lambda s: print(s, flush=True)  # noqa: E731
+    log(bm.format_environment(bm.environment(device)))
 
     data, model, opt = build(cfg, device, dtype)
     tx, ty = data.train_x.to(device), data.train_y.to(device)
@@ -146,24 +137,15 @@ def main(argv=None):
         rows.append(row)
 
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # a shared CPU distorts timings: torch's default OpenMP spin-waiting was measured 50×
+        # slower on a 2-core machine at load 10 (bench/results/cpu_e2e.md); the environment row
+        # records the conditions (load average, OMP_WAIT_POLICY, threads)
+        "environment": bm.environment(device),
         "size": args.size, "p": cfg.p, "n_train": cfg.n_train, "test_samples": M,
         "steps": N, "dtype": cfg.dtype, "training_wall_s": tr.wall_s, "runs": rows,
-        # a shared CPU distorts timings: torch's default OpenMP spin-waiting was measured 50×
-        # slower on a 2-core machine at load 10 (bench/results/cpu_e2e.md); record the conditions
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "torch_threads": torch.get_num_threads(),
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        log(f"wrote {args.out}")
+        log(f"wrote {bm.write_results(args.out, result)}")
     return result
 
 

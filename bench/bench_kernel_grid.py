@@ -2,7 +2,7 @@
 
     python bench/bench_kernel_grid.py                      # CUDA if present, else the CPU grid
     python bench/bench_kernel_grid.py --device cpu --quick # a few tiny shapes (what CI runs)
-    python bench/bench_kernel_grid.py --out bench/results/<device>.json
+    python bench/bench_kernel_grid.py --out <device>.json  # → bench/results/<device>.json
 
 For every (G, R, D, P) and input dtype it times
     fused     explaind_fast.ops.path_kernel_reduce (Triton on CUDA, the C++ kernel on CPU)
@@ -15,19 +15,15 @@ and reports the median time with p20/p80 spread (CUDA events on GPU, perf_counte
 achieved TFLOP/s, the fraction of the same-FLOP GEMM's throughput, the speed-up over the loop, and
 the peak memory on CUDA (torch.cuda.max_memory_allocated, measured in a separate run). Shapes whose
 J tensor would not fit in a quarter of the device memory are listed as skipped with the reason.
+Timing, peak memory and the environment row: explaind_fast.testing.benchmark.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import sys
-import time
 
 import torch
+
+from explaind_fast.testing import benchmark as bm
 
 GPU_GRID = dict(G=[1, 6, 768, 4096, 65536], R=[256, 4096], D=[10**5, 10**7], P=[1, 16, 1024])
 CPU_GRID = dict(G=[1, 6, 768], R=[64], D=[98304], P=[1, 16])
@@ -35,48 +31,16 @@ QUICK_GRID = dict(G=[1, 6, 96], R=[8], D=[3000], P=[1, 4])
 Q_NODES = 4  # Gauss–Legendre 4: the engine's usual rule on smooth models
 
 
-def _timer(device):
-    if device.type == "cuda":
-        def run(fn, repeats, warmup):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return times
-    else:
-        def run(fn, repeats, warmup):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return times
-    return run
-
-
-def _summary(times):
-    times = sorted(times)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]
-    return {"median_s": statistics.median(times), "p20_s": q(0.2), "p80_s": q(0.8), "n": len(times)}
+def _timed(fn, repeats, warmup, device):
+    return bm.summarize(bm.time_call(fn, repeats=repeats, warmup=warmup, device=device))
 
 
 def _peak_bytes(fn, device):
+    """Peak tensor memory of one call on CUDA (beyond what is allocated before); None on the CPU,
+    where an in-process RSS figure at these sizes would mostly measure the allocator."""
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return bm.peak_memory(fn, device)["peak_extra_bytes"]
 
 
 def _offsets(G, D, device):
@@ -107,19 +71,18 @@ def bench_shape(G, R, D, P, dtype, device, repeats, mem_cap_bytes, backend="op",
     B = torch.randn(P, D, generator=gen).to(device=device, dtype=dtype)
     w = torch.full((Q,), 1.0 / Q, device=device)
     off = _offsets(G, D, device)
-    timer = _timer(device)
     flops = 2.0 * R * D * P + 2.0 * Q * R * D
     results = {}
 
     fused = lambda: path_kernel_reduce(J, w, B, off)
-    results["fused"] = _summary(timer(fused, repeats, warmup))
+    results["fused"] = _timed(fused, repeats, warmup, device)
     results["fused"]["peak_bytes"] = _peak_bytes(fused, device)
 
     K = int(D * (1 + Q / P))
     if R * K * esize <= mem_cap_bytes:
         A = torch.randn(R, K, generator=gen).to(device=device, dtype=dtype)
         Bt = torch.randn(K, P, generator=gen).to(device=device, dtype=dtype)
-        results["gemm"] = _summary(timer(lambda: A @ Bt, repeats, warmup))
+        results["gemm"] = _timed(lambda: A @ Bt, repeats, warmup, device)
         del A, Bt
 
     bounds = off.tolist()
@@ -132,13 +95,13 @@ def bench_shape(G, R, D, P, dtype, device, repeats, mem_cap_bytes, backend="op",
         return out
 
     loop_repeats = max(1, min(repeats, int(2e4 // max(G, 1))))  # 65536 tiny matmuls per call
-    results["loop"] = _summary(timer(loop, loop_repeats, min(warmup, 1)))
+    results["loop"] = _timed(loop, loop_repeats, min(warmup, 1), device)
     results["loop"]["peak_bytes"] = _peak_bytes(loop, device)
 
     naive_bytes = R * P * D * 4 + Q * R * D * 4
     if naive_bytes <= mem_cap_bytes:
         naive = lambda: path_kernel_reduce_naive(J, w, B, off)
-        results["naive"] = _summary(timer(naive, max(1, repeats // 3), min(warmup, 1)))
+        results["naive"] = _timed(naive, max(1, repeats // 3), min(warmup, 1), device)
         results["naive"]["peak_bytes"] = _peak_bytes(naive, device)
         ref = naive()
     else:
@@ -169,21 +132,17 @@ def main(argv=None):
     ap.add_argument("--backend", choices=["op", "triton"], default="op",
                     help="op: torch.ops dispatch (Triton on CUDA, C++ on CPU); triton: the Triton "
                          "launcher directly (on the CPU only under TRITON_INTERPRET=1)")
-    ap.add_argument("--out", default=None, help="write the JSON results here")
+    ap.add_argument("--out", default=None,
+                    help="write the JSON results here (a bare file name: bench/results/<name>)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
     repeats = args.repeats or (3 if args.quick else (20 if device.type == "cuda" else 5))
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        name = torch.cuda.get_device_name(device)
-    else:
-        total = 8 * 2**30
-        name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 * 2**30
     cap = total // 4
-
-    import triton  # noqa: F401  (version recorded)
+    env = bm.environment(device)
+    print(bm.format_environment(env))
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -204,20 +163,10 @@ def main(argv=None):
                               f"of-gemm {row.get('fraction_of_gemm', float('nan')):5.2f}  "
                               f"x-loop {row['speedup_vs_loop']:7.1f}  "
                               f"x-naive {row.get('speedup_vs_naive', float('nan')):6.1f}", flush=True)
-    result = {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": sys.modules["triton"].__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": args.backend,
-        "quadrature_nodes": Q_NODES,
-        "rows": rows,
-    }
+    result = {"environment": env, "backend": args.backend, "quadrature_nodes": Q_NODES,
+              "memory_cap_bytes": cap, "rows": rows}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        print(f"wrote {bm.write_results(args.out, result)}")
     return result
 
 

@@ -8,26 +8,26 @@ sample and step (quadrature nodes; per-sample kink rules: the mean count of non-
 and the padded width Q the engine evaluates), and wall time (kink search shown separately).
 
     python bench/bench_kinks.py                      # CPU sizes, both models
-    python bench/bench_kinks.py --model transformer --full --device cuda
+    python bench/bench_kinks.py --model transformer --full --out kinks_full.json
 
 Kink rules run as engine callables so their statistics can be recorded: "kinks:n" is the same
 function (explaind_fast.quadrature.kinks.kink_nodes); "kinks:n/common" uses one shared rule on the union of
 the batch's breakpoints (the alternative the issue asks to compare); "kinks:n/taper" gives short
 pieces fewer nodes (kinks.nodes_per_piece with TAPER_RHO). The adaptive rule is capped at 32
-intervals (128 nodes) per step to bound the run time.
+intervals (128 nodes) per step to bound the run time. Timing: explaind_fast.testing.benchmark.measure;
+the JSON (--out) carries the environment row.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-import time
 
 import torch
 
 from explaind_fast import attribute
 from explaind_fast.quadrature.kinks import TAPER_RHO, find_kinks, nodes_from_breakpoints
+from explaind_fast.testing import benchmark as bm
 
 DEFAULT_RULES = ("midpoint:10,midpoint:100,gauss-legendre:4,adaptive:1e-10,kinks:2,kinks:3,"
                  "kinks:3/taper,kinks:3/common")
@@ -70,10 +70,10 @@ class KinkRule:
         self.unseen = set()
 
     def __call__(self, s, theta_s, delta_s):
-        t0 = time.perf_counter()
-        k = find_kinks(self.model, self.layout, theta_s, delta_s, self.X, warn=False)
-        ns = nodes_from_breakpoints(k.breakpoints, self.n, common=self.common, taper=self.taper)
-        self.search_s += time.perf_counter() - t0
+        with bm.measure() as m:
+            k = find_kinks(self.model, self.layout, theta_s, delta_s, self.X, warn=False)
+            ns = nodes_from_breakpoints(k.breakpoints, self.n, common=self.common, taper=self.taper)
+        self.search_s += m.wall_s
         self.row_evals += k.row_evals
         self.unseen |= set(k.unseen)
         self.pieces.append(float(k.pieces.double().mean()))
@@ -90,14 +90,14 @@ def run_rule(model, traj, X, rule, mode):
         stats = KinkRule(model, traj.layout, X, n, common=rule.endswith("/common"),
                          taper=TAPER_RHO if rule.endswith("/taper") else None)
         spec = stats
-    t0 = time.perf_counter()
-    a = attribute(model, traj, X, params="all", data="all", steps="each", output="logits",
-                  quadrature=spec, mode=mode, progress=False, max_intervals=32)
-    wall = time.perf_counter() - t0
+    with bm.measure() as m:
+        a = attribute(model, traj, X, params="all", data="all", steps="each", output="logits",
+                      quadrature=spec, mode=mode, progress=False, max_intervals=32)
+    wall = m.wall_s
     rel = a.step_residual_relative.double()
     change = float((a.final - a.initial).abs().max())
     row = {"rule": rule, "step_rel_max": float(rel.max()), "step_rel_median": float(rel.median()),
-           "recon_rel": a.reconstruction_error / change, "wall_s": wall}
+           "recon_rel": a.reconstruction_error / change, "wall_s": wall, "cpu_s": m.cpu_s}
     nodes = a.evaluations["quadrature_nodes"].double()
     if stats is None:
         row["grad_evals"] = float(nodes.mean())
@@ -112,7 +112,7 @@ def run_rule(model, traj, X, rule, mode):
     return row
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="both", choices=["transformer", "cnn", "both"])
     ap.add_argument("--steps", type=int, default=20)
@@ -120,9 +120,13 @@ def main():
     ap.add_argument("--rules", default=DEFAULT_RULES)
     ap.add_argument("--mode", default="forward", choices=["forward", "reverse", "auto"])
     ap.add_argument("--full", action="store_true", help="paper-size transformer (p=113, MLP 512)")
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--out", default=None,
+                    help="write the rows as JSON here (a bare file name: bench/results/<name>)")
+    args = ap.parse_args(argv)
+    bm.set_threads(args.threads)
+    env = bm.environment()
+    print(bm.format_environment(env))
     results = {}
     names = ["transformer", "cnn"] if args.model == "both" else [args.model]
     for name in names:
@@ -143,8 +147,8 @@ def main():
                   + (f" ({row['search_s']:.1f})" if "search_s" in row else "") + " |", flush=True)
         results[name] = rows
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        print(f"wrote {bm.write_results(args.out, results, env=env)}")
+    return results
 
 
 if __name__ == "__main__":

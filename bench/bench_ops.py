@@ -4,29 +4,27 @@ present.
 
     python bench/bench_ops.py              # prints a table (the README's main command for now)
     python bench/bench_ops.py --quick      # D = 12288 instead of 98304 (a smoke run)
+    python bench/bench_ops.py --json ops_cpu.json   # also writes bench/results/ops_cpu.json
     python -m pytest -q bench/bench_ops.py # the same cases as pytest-benchmark tests (--bench-quick)
 
-Peak memory is the memory the call itself needs on top of its inputs:
-  CPU   measured in a fresh subprocess: RSS high-water mark (VmHWM, reset through
-        /proc/self/clear_refs after the inputs exist) minus the RSS before the call;
+Measured with explaind_fast.testing.benchmark (the harness every bench script uses):
+peak memory is the memory the call itself needs on top of its inputs, measured in a fresh
+subprocess (peak_memory_subprocess):
+  CPU   RSS high-water mark (VmHWM, reset through /proc/self/clear_refs after the inputs exist)
+        minus the RSS before the call;
   CUDA  torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the memory before.
-The output tensor is allocated by the call and so is counted. Times are medians of several runs
-(p20/p80 given) after a warm-up run, with torch.cuda.synchronize() inside the timed region on CUDA.
+The output tensor is allocated by the call and so is counted. Times (time_call, summarize) are the
+median and p20/p80 of --repeats runs after a warm-up run: perf_counter on the CPU, CUDA events
+(synchronized) on CUDA. Every table and JSON file carries the environment row.
 """
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
+import functools
 
 import torch
 
 from explaind_fast import ops
 from explaind_fast.ops.reference import path_kernel_reduce_naive
+from explaind_fast.testing import benchmark as bm
 
 # (Q, R, D, P, G): the issue's shapes. G groups of equal length (D = 98304 = 768·128).
 CASES = [(8, 256, 98304, 16, 1), (8, 256, 98304, 16, 6), (8, 256, 98304, 16, 768), (8, 256, 98304, 1, 98304)]
@@ -62,79 +60,31 @@ def make_inputs(case, device, dtype=torch.float32, seed=0):
     return J, w, B, offsets
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_impl(impl, inputs, device, repeats=5, warmup=1):
-    """Seconds of each run (after warm-up runs)."""
-    fn = IMPLS[impl]
-    for _ in range(warmup):
-        fn(*inputs)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*inputs)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _proc_status_bytes(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _memory_child(impl, case, device):
-    """Runs in a fresh process: peak bytes of one call beyond the inputs (see module docstring)."""
-    inputs = make_inputs(case, device)
-    IMPLS[impl](*make_inputs((2, 4, 64, 2, 2), device))  # load kernels/libraries before measuring
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        IMPLS[impl](*inputs)
-        torch.cuda.synchronize()
-        return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before,
-                "method": "torch.cuda.max_memory_allocated"}
-    before = _proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    IMPLS[impl](*inputs)
-    return {"peak_extra_bytes": _proc_status_bytes("VmHWM") - before, "method": "VmHWM - VmRSS (subprocess)",
-            "rss_before_bytes": before}
+def _memory_setup(impl, case, device):
+    """Child side of the peak-memory measurement: inputs, a warm-up on tiny inputs (kernels and
+    libraries loaded), then the call to measure."""
+    inputs = make_inputs(tuple(case), device)
+    IMPLS[impl](*make_inputs((2, 4, 64, 2, 2), device))
+    return functools.partial(IMPLS[impl], *inputs)
 
 
 def peak_memory(impl, case, device):
     """Measured peak extra memory of one call, in a fresh subprocess (so earlier runs don't count)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", impl, json.dumps(list(case)), device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement of {impl} {case} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def device_name(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return bm.peak_memory_subprocess(_memory_setup, impl, list(case), device, device=device)
 
 
 def run_case(impl, case, device, repeats):
-    inputs = make_inputs(case, device)
-    times = time_impl(impl, inputs, device, repeats=repeats)
-    del inputs
+    call = functools.partial(IMPLS[impl], *make_inputs(case, device))
+    times = bm.time_call(call, repeats=repeats, warmup=1, device=device)
+    del call  # frees the inputs before the subprocess allocates its own
     mem = peak_memory(impl, case, device)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    stats = bm.summarize(times)
     Q, R, D, P, G = case
-    return {"impl": impl, "device": device, "device_name": device_name(device), "Q": Q, "R": R, "D": D, "P": P,
-            "G": G, "median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[-1],
-            "J_read_GBps": Q * R * D * 4 / statistics.median(times) / 1e9, **mem}
+    return {"impl": impl, "device": device, "device_name": bm.device_name(device), "Q": Q, "R": R,
+            "D": D, "P": P, "G": G, "median_s": stats["median_s"], "p20_s": stats["p20_s"],
+            "p80_s": stats["p80_s"], "n": stats["n"], "J_read_GBps": Q * R * D * 4 / stats["median_s"] / 1e9,
+            "peak_extra_bytes": mem["peak_extra_bytes"], "method": mem["method"],
+            ("rss_before_bytes" if device == "cpu" else "allocated_before_bytes"): mem["before_bytes"]}
 
 
 def main(argv=None):
@@ -142,23 +92,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small D (smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", default="fused,naive,matmul_loop")
-    parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "CASE", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", help="also write the rows (with the environment row) to this "
+                                       "file; a bare file name goes to bench/results/")
     args = parser.parse_args(argv)
-    if args.memory_child:
-        impl, case, device = args.memory_child
-        print(json.dumps(_memory_child(impl, tuple(json.loads(case)), device)))
-        return
+    bm.set_threads(args.threads)
+    cases = QUICK_CASES if args.quick else CASES
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    print(f"# explaind_fast path_kernel_reduce, torch {torch.__version__}, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, float32")
+    print("# explaind_fast path_kernel_reduce, float32")
     header = (f"{'device':<6} {'Q':>2} {'R':>4} {'D':>6} {'P':>3} {'G':>6} {'impl':<12} {'median s':>9} "
               f"{'p20-p80 s':>15} {'peak MiB':>9} {'vs naive':>14}")
     for device in devices:
-        print(f"# {device}: {device_name(device)}")
+        print(bm.format_environment(bm.environment(device)))
         print(header)
-        for case in (QUICK_CASES if args.quick else CASES):
+        for case in cases:
             case_rows = {impl: run_case(impl, case, device, args.repeats) for impl in args.impls.split(",")}
             for impl, row in case_rows.items():
                 naive = case_rows.get("naive")
@@ -172,8 +120,8 @@ def main(argv=None):
                       f"{ratio:>14}", flush=True)
                 rows.append(row)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        print(f"wrote {bm.write_results(args.json, rows, device=devices[-1])}")
+    return rows
 
 
 # ---------------------------------------------------------------- pytest-benchmark entry points
@@ -193,10 +141,10 @@ if pytest is not None:
 
         def call():
             IMPLS[impl](*inputs)
-            _sync(device)
+            bm.sync(device)
 
         benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=1)
-        benchmark.extra_info.update(device_name=device_name(device), **peak_memory(impl, case, device))
+        benchmark.extra_info.update(device_name=bm.device_name(device), **peak_memory(impl, case, device))
 
 
 if __name__ == "__main__":

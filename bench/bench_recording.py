@@ -14,18 +14,18 @@ Bare and recorded steps are interleaved (ABAB…) so that drift on a shared mach
 Reports median and p20/p80 in ms, the overhead relative to the bare step, and bytes on disk per
 stored step (tensor file + log line), against the 2·D·itemsize of θ and v alone.
 
-    PYTHONPATH=. python bench/bench_recording.py --steps 20 --dtype float32
+    python bench/bench_recording.py --steps 20 --dtype float32 [--out recording_cpu.json]
+
+Timing: explaind_fast.testing.benchmark.measure (perf_counter wall, process_time CPU, getrusage
+system CPU and page faults per step); median and p20/p80: benchmark.summarize.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +35,12 @@ from explaind_fast.demos.data import modular_addition_data
 from explaind_fast.demos.models import ModularAdditionTransformer
 from explaind_fast.recording import TrajectoryRecorder
 from explaind_fast.store import LOG, Trajectory
+from explaind_fast.testing import benchmark as bm
 
 
-def quantiles(xs):
-    xs = sorted(xs)
-    q = lambda f: xs[min(len(xs) - 1, int(f * len(xs)))]  # noqa: E731
-    return {"median_ms": 1e3 * statistics.median(xs), "p20_ms": 1e3 * q(0.2),
-            "p80_ms": 1e3 * q(0.8)}
+def quantiles(seconds):
+    """median / p20 / p80 in ms (explaind_fast.testing.benchmark.summarize)."""
+    return bm.summarize(seconds, unit="ms")
 
 
 class Run:
@@ -68,11 +67,12 @@ class Run:
             inner = getattr(rec, name)
 
             def timed(*a, _inner=inner):
-                t0, c0 = time.perf_counter(), time.process_time()
+                m = bm.measure()
                 try:
-                    return _inner(*a)
+                    with m:
+                        return _inner(*a)
                 finally:
-                    times.append((time.perf_counter() - t0, time.process_time() - c0))
+                    times.append((m.result.wall_s, m.result.cpu_s))
             setattr(rec, name, timed)
         # the step hooks (the first two handles) were registered with the bound methods:
         # re-register the timed ones (the per-parameter gradient-norm hooks stay: their cost shows
@@ -83,14 +83,15 @@ class Run:
                             self.opt.register_step_post_hook(rec._post_hook)]
 
     def step(self):
-        """(wall seconds, CPU seconds of all threads) of one training step."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        if self.rec is not None:
-            self.rec.set_batch(self.idx)
-        self.opt.zero_grad()
-        F.cross_entropy(self.model(self.x), self.y).backward()
-        self.opt.step()
-        return time.perf_counter() - t0, time.process_time() - c0
+        """The bm.Measurement of one training step (wall, CPU of all threads, user / system CPU,
+        page faults)."""
+        with bm.measure() as m:
+            if self.rec is not None:
+                self.rec.set_batch(self.idx)
+            self.opt.zero_grad()
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.opt.step()
+        return m
 
 
 def main(argv=None):
@@ -99,7 +100,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--verify", action="store_true", help="also replay the recorded trajectory")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--out", default=None,
+                    help="write the JSON result here (a bare file name: bench/results/<name>)")
     args = ap.parse_args(argv)
+    bm.set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     data = modular_addition_data()
     root = tempfile.mkdtemp(prefix="bench_recording_")
@@ -125,16 +130,16 @@ def main(argv=None):
     per_step = (sum(os.path.getsize(os.path.join(d, n)) for n in step_files) + log_bytes) / len(
         step_files)
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    env = bm.environment()
     result = {
-        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "environment": env, "threads": env["torch_threads"], "load_avg_1min": env["load_average"][0],
         "dtype": args.dtype, "D": D, "batch": len(data.train_x), "steps": args.steps,
     }
     for name, run in runs.items():
-        wall = [w for w, _ in times[name]]
-        cpu = [c for _, c in times[name]]
-        result[name] = {"wall": quantiles(wall), "cpu": quantiles(cpu)}
+        ms = times[name]
+        result[name] = {"wall": quantiles([m.wall_s for m in ms]), "cpu": quantiles([m.cpu_s for m in ms]),
+                        "system_cpu": quantiles([m.system_s for m in ms]),
+                        "minor_faults_median": sorted(m.minor_faults for m in ms)[len(ms) // 2]}
         if run.rec is not None:
             pairs = list(zip(run.hook_s[0::2], run.hook_s[1::2]))[args.warmup:]
             result[name]["hooks_wall"] = quantiles([a[0] + b[0] for a, b in pairs])
@@ -155,10 +160,13 @@ def main(argv=None):
                                     if k.startswith("batch_"))
     shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=1))
+    if args.out:
+        print(f"wrote {bm.write_results(args.out, result)}")
     r = result
     bare_w, bare_c = r["bare"]["wall"]["median_ms"], r["bare"]["cpu"]["median_ms"]
     fmt = lambda q: f"{q['median_ms']:.1f} ({q['p20_ms']:.1f}–{q['p80_ms']:.1f})"  # noqa: E731
-    print(f"\n{args.dtype}, D={D}, full batch {r['batch']}, {r['threads']} threads, load "
+    print("\n" + bm.format_environment(env))
+    print(f"{args.dtype}, D={D}, full batch {r['batch']}, {r['threads']} threads, load "
           f"{r['load_avg_1min']:.1f}; median (p20–p80) ms per step")
     print("| | wall | wall / bare | CPU (all threads) | CPU / bare |")
     print("|---|---|---|---|---|")
@@ -173,6 +181,7 @@ def main(argv=None):
     print(f"\nbytes on disk per step: {per_step:,.0f} (θ+v: {2 * D * itemsize:,}; batch: "
           f"{result['bytes_batch']:,}; rest: headers and log line)")
     return result
+
 
 if __name__ == "__main__":
     main()
