@@ -26,6 +26,12 @@ MAX_PAIRS = 1024
 
 @dataclass
 class Plan:
+    """The contraction order and chunk sizes, plus how the model is evaluated:
+
+    per_sample: how per-sample functions run: "vmap", or "loop (…)" with vmap's reason when the
+        model has data-dependent control flow (a Hugging Face attention-mask check).
+    """
+
     mode: str
     credit: str
     memory_budget: int
@@ -34,6 +40,7 @@ class Plan:
     output_chunk: int
     pair_chunk: int
     estimates: dict = field(default_factory=dict)
+    per_sample: str = "vmap"
 
     def to_dict(self):
         return asdict(self)

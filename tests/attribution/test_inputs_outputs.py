@@ -1,0 +1,192 @@
+"""The calling convention of real models (explaind_fast.model.inputs): pytree inputs (tuples, dicts,
+non-tensor leaves), tuple / Mapping outputs and model_output, every accepted train_data form, LM
+output specs and the refusals. The reference everywhere is the same run attributed through a plain tensor input."""
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import explaind_fast as ef
+from explaind_fast.attribution.granularity import parse_output
+from explaind_fast.model import inputs as I
+from explaind_fast.quadrature.kinks import kink_nodes, quadrature_residual
+from explaind_fast.recording import IndexedDataset
+from explaind_fast.testing.models import DT, TinyMLP
+from explaind_fast.testing.runs import tiny_mlp_run
+
+GL = "gauss-legendre:6"
+
+
+class DictMLP(TinyMLP):
+    """TinyMLP's parameters; keyword inputs, a dict output with the logits and a hidden layer."""
+
+    def forward(self, features, scale=1.0):
+        h = self.act(self.fc1(features))
+        return {"hidden": h, "logits": self.out(self.act(self.fc2(h))) * scale}
+
+
+class TupleMLP(TinyMLP):
+    """TinyMLP's parameters; two positional inputs (the second unused), a tuple output."""
+
+    def forward(self, x, extra):
+        return super().forward(x), x.sum(1, keepdim=True)
+
+
+def _run(act, **kw):
+    model, traj, (Xtr, Ytr), Xte, Yte, _ = tiny_mlp_run(act=act, steps=3, **kw)
+    return dict(model=model, traj=traj, Xtr=Xtr, Ytr=Ytr, Xte=Xte, Yte=Yte, act=act)
+
+
+@pytest.fixture(scope="module")
+def run():
+    return _run("tanh")
+
+
+@pytest.fixture(scope="module")
+def relu_run():
+    return _run("relu")
+
+
+def _as(cls, run):
+    other = cls(run["act"]).to(DT)
+    other.load_state_dict(run["model"].state_dict())
+    return other
+
+
+def _close(a, b, tol=1e-12):
+    assert a.kernel.shape == b.kernel.shape
+    scale = float(b.kernel.abs().max())
+    assert float((a.kernel - b.kernel).abs().max()) <= tol * scale
+
+
+def attr(model, traj, X, **kw):
+    kw.setdefault("quadrature", GL)
+    return ef.attribute(model, traj, X, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------ inputs / outputs
+def test_dict_and_tuple_inputs_with_mapping_and_tuple_outputs(run):
+    ref = attr(run["model"], run["traj"], run["Xte"], params="tensor")
+    dm, tm = _as(DictMLP, run), _as(TupleMLP, run)
+    _close(attr(dm, run["traj"], {"features": run["Xte"]}, params="tensor"), ref)
+    # a non-tensor leaf is passed unchanged to every call
+    _close(attr(dm, run["traj"], {"features": run["Xte"], "scale": 1.0}, params="tensor"), ref)
+    _close(attr(tm, run["traj"], (run["Xte"], run["Xte"]), params="tensor"), ref)
+    # model_output: another key, an index, a callable
+    hid = attr(dm, run["traj"], {"features": run["Xte"]}, model_output="hidden")
+    assert hid.kernel.shape == (run["Xte"].shape[0], 12)
+    aux = attr(tm, run["traj"], (run["Xte"], run["Xte"]), model_output=1)
+    assert aux.kernel.shape == (run["Xte"].shape[0], 1) and float(aux.kernel.abs().max()) == 0
+    _close(attr(dm, run["traj"], {"features": run["Xte"]}, model_output=lambda o: o["logits"]),
+           attr(run["model"], run["traj"], run["Xte"]))
+
+
+def test_kinks_rule_and_residual_with_dict_inputs(relu_run):
+    run = relu_run
+    dm = _as(DictMLP, run)
+    ref = attr(run["model"], run["traj"], run["Xte"], quadrature="kinks:2", data="sample",
+               train_data=(run["Xtr"], run["Ytr"]))
+    got = attr(dm, run["traj"], {"features": run["Xte"]}, quadrature="kinks:2", data="sample",
+               train_data=({"features": run["Xtr"]}, run["Ytr"]))
+    _close(got, ref)
+    assert got.certificate["problems"] == []
+    layout, traj = run["traj"].layout, run["traj"]
+    th, th1 = traj.theta(0), traj.theta(1)
+    n_t = kink_nodes(run["model"], layout, th, th1 - th, run["Xte"], 2)
+    n_d = kink_nodes(dm, layout, th, th1 - th, {"features": run["Xte"]}, 2)
+    assert torch.equal(n_t.t, n_d.t) and torch.equal(n_t.w, n_d.w)
+    r_t, c_t = quadrature_residual(run["model"], layout, th, th1 - th, run["Xte"], n_t)
+    r_d, c_d = quadrature_residual(dm, layout, th, th1 - th, {"features": run["Xte"]}, n_t)
+    assert torch.equal(c_t, c_d) and torch.allclose(r_t, r_d, rtol=0, atol=1e-15)
+
+
+def test_every_train_data_form(run):
+    X, Y, traj = run["Xtr"], run["Ytr"], run["traj"]
+    ref = attr(run["model"], traj, run["Xte"], data="sample", train_data=(X, Y))
+    dm = _as(DictMLP, run)
+    items = [{"features": X[i], "labels": Y[i]} for i in range(len(X))]
+    forms = {
+        "tensor dataset": (run["model"], TensorDataset(X, Y)),
+        "list of pairs": (run["model"], [(X[i], Y[i]) for i in range(len(X))]),
+        "indexed dataset": (run["model"], IndexedDataset((X, Y))),
+        "dict pair": (dm, ({"features": X}, Y)),
+        "dict batch": (dm, {"features": X, "labels": Y}),
+        "dict items": (dm, items),
+        "indexed dict items": (dm, IndexedDataset(items)),
+    }
+    for name, (model, data) in forms.items():
+        X_te = run["Xte"] if model is run["model"] else {"features": run["Xte"]}
+        _close(attr(model, traj, X_te, data="sample", train_data=data), ref)
+    # data="label" reads the "labels" of dict targets
+    _close(attr(dm, traj, {"features": run["Xte"]}, data="label", train_data=forms["dict batch"][1]),
+           attr(run["model"], traj, run["Xte"], data="label", train_data=(X, Y)))
+
+
+def test_refusals_name_what_is_wrong(run):
+    model, traj, Xte = run["model"], run["traj"], run["Xte"]
+    dm = _as(DictMLP, run)
+    with pytest.raises(ValueError, match=r"disagree on the batch size.*\['features'\]: 4.*\['b'\]: 3"):
+        attr(dm, traj, {"features": Xte, "b": Xte[:3]})
+    with pytest.raises(ValueError, match=r"test_inputs\['features'\] has dtype torch.float32"):
+        attr(dm, traj, {"features": Xte.float()})
+    with pytest.raises(ValueError, match=r"could not be fed to the model, called as model\(\*\*x\)"
+                                         r".*'feature'"):
+        attr(dm, traj, {"feature": Xte})
+    with pytest.raises(ValueError, match=r"\['hidden', 'logits'\] and no 'logitz'"):
+        attr(dm, traj, {"features": Xte}, model_output="logitz")
+    with pytest.raises(ValueError, match="select one by index"):
+        attr(_as(TupleMLP, run), traj, (Xte, Xte), model_output="hidden")
+    with pytest.raises(ValueError, match="holds 'labels' and test_targets is given too"):
+        attr(dm, traj, {"features": Xte, "labels": run["Yte"]}, test_targets=run["Yte"])
+    with pytest.raises(ValueError, match="dict without a 'labels' entry"):
+        attr(dm, traj, {"features": Xte}, data="sample", train_data={"features": run["Xtr"]})
+    with pytest.raises(ValueError, match="train_data: 16 inputs but 15 targets"):
+        attr(model, traj, Xte, data="sample", train_data=(run["Xtr"], run["Ytr"][:-1]))
+    with pytest.raises(ValueError, match="could not be stacked"):
+        attr(model, traj, Xte, data="sample",
+             train_data=[(run["Xtr"][i, :4 + i % 2], run["Ytr"][i]) for i in range(16)])
+    with pytest.raises(ValueError, match="a 0-dim tensor"):
+        attr(dm, traj, {"features": Xte, "scale": torch.tensor(1.0, dtype=DT)})
+
+
+# ------------------------------------------------------------------------------ LM output specs
+def test_position_and_token_loss_output_specs():
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 5, 7, generator=g, dtype=DT)
+    labels = torch.randint(0, 7, (3, 5), generator=g)
+    assert torch.equal(parse_output(("position", -1), None).h(out, None), out[:, -1])
+    assert torch.equal(parse_output(("position", 2, 4), None).h(out, None), out[:, 2, [4]])
+    spec = parse_output(("position", 0, [1, 6]), None)
+    assert torch.equal(spec.h(out, None), out[:, 0, [1, 6]]) and spec.labels == [1, 6]
+    tok = parse_output("token_losses", None)
+    assert tok.needs_targets
+    assert torch.equal(tok.h(out, labels), ef.losses.causal_lm_token_losses(out, labels))
+    for bad in [("position",), ("position", 1.5), ("position", 1, "a"), ("position", True)]:
+        with pytest.raises(ValueError, match="position"):
+            parse_output(bad, None)
+    with pytest.raises(ValueError, match="outside the sequence"):
+        parse_output(("position", 5), None).h(out, None)
+    with pytest.raises(ValueError, match=r"sequence outputs \[M, T, V\]"):
+        parse_output(("position", 0), None).h(out[:, 0], None)
+
+
+# ------------------------------------------------------------------------------ the helpers
+def test_input_helpers():
+    x = {"a": torch.arange(6).reshape(3, 2), "b": (torch.ones(3),), "c": None, "d": True}
+    assert I.batch_size(x) == 3
+    assert I.take(x, torch.tensor([2]))["a"].tolist() == [[4, 5]]
+    assert I.take(x, 1)["b"][0].shape == () and I.take(x, 1)["d"] is True
+    assert I.in_dims(x) == {"a": 0, "b": (0,), "c": None, "d": None}
+    assert I.unsqueeze(I.take(x, 0))["a"].shape == (1, 2)
+    assert I.call_args(x) == ((), x) and I.call_args((1, 2)) == ((1, 2), {})
+    assert I.select_output((torch.ones(1), 2)) is not None
+    with pytest.raises(ValueError, match="no tensor"):
+        I.batch_size({"a": 1})
+    # vmap refuses data-dependent control flow: map_samples loops instead, with the same result
+    calls = []
+
+    def f(v):
+        return v * 2 if bool(v.sum() > 0) else -v
+    v = torch.tensor([[1.0, 2.0], [-3.0, 1.0], [0.5, -2.0]])
+    out = I.map_samples(f, (0,), on_fallback=calls.append)(v)
+    assert torch.equal(out, torch.stack([f(r) for r in v])) and len(calls) == 1
+    assert I.is_vmap_data_dependent(calls[0])
