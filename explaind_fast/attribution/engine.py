@@ -12,7 +12,8 @@ by quadrature (docs/design.md §1–4). The pipeline (docs/design.md §9):
 
 Inputs, outputs and models follow :mod:`explaind_fast.model.inputs`: test and training inputs are
 any pytree of tensors batched on dim 0 (a tensor, a tuple, a dict such as {"input_ids",
-"attention_mask"}), the model may return a tensor, a tuple or a ModelOutput.
+"attention_mask"}), the model may return a tensor, a tuple or a ModelOutput, a torch.compile'd
+module is attributed through its plain module.
 
 Limits: the model must be row-wise in the batch (no BatchNorm in train mode); reverse mode splits
 rows down to single (sample, output) rows but never below one row of D numbers. Peak memory:
@@ -35,7 +36,8 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
 
     Args:
         model: the nn.Module (architecture; its trainable parameters must match the trajectory's
-            layout; its current weights are not used, frozen params and buffers are).
+            layout; its current weights are not used, frozen params and buffers are); a
+            torch.compile'd module is unwrapped (names match without "_orig_mod.").
         trajectory: a Trajectory (the read API of :class:`explaind_fast.store.Trajectory`).
         test_inputs: the M test inputs: a tensor [M, ...] (model(x)), a tuple (model(*x)) or a
             dict (model(**x)) of tensors batched on dim 0 (floating ones must have the attribution

@@ -182,6 +182,7 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     """Validate the arguments of :func:`explaind_fast.attribute` (same names) and build a Problem."""
     traj = trajectory
     layout = traj.layout
+    model = _in.unwrap_compiled(model)
     layout.check_model(model)
     _in.check_output_key(model_output)
     if memory_budget is not None:

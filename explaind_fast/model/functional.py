@@ -7,7 +7,8 @@ Inputs follow the calling convention of :mod:`.inputs` (a tensor x -> model(x), 
 model(*x), a dict -> model(**x), every tensor batched on dim 0) and the output tensor is selected
 from what the model returns (tensor, tuple or ModelOutput; ``output="logits"`` by default).
 Frozen parameters and buffers are taken from the module (floating ones cast to ``dtype``); the
-trainable ones come from θ through :meth:`ParamLayout.unflatten` (views, no copy).
+trainable ones come from θ through :meth:`ParamLayout.unflatten` (views, no copy). A
+torch.compile'd module is evaluated through its plain module (:func:`.inputs.unwrap_compiled`).
 """
 from __future__ import annotations
 
@@ -33,12 +34,16 @@ class FunctionalModel:
 
     def __init__(self, model: torch.nn.Module, layout: ParamLayout, dtype=None, device=None,
                  output: _in.OutputKey = "logits"):
+        model = _in.unwrap_compiled(model)
         _in.check_output_key(output)
         self.model, self.layout, self.output = model, layout, output
         trainable = set(layout.names)
         self.base = {}
+        self.actual = {}          # layout (canonical) name -> the module's own parameter name
         for k, v in list(model.named_parameters()) + list(model.named_buffers()):
-            if k in trainable:
+            c = _in.canonical_name(k)
+            if c in trainable:
+                self.actual[c] = k
                 continue
             v = v.detach()
             if device is not None:
@@ -49,7 +54,8 @@ class FunctionalModel:
 
     def params(self, theta: torch.Tensor) -> dict:
         """{name: tensor} of every parameter and buffer with the trainable ones taken from θ."""
-        return {**self.base, **self.layout.unflatten(theta)}
+        flat = self.layout.unflatten(theta)
+        return {**self.base, **{self.actual.get(k, k): v for k, v in flat.items()}}
 
     def raw(self, theta: torch.Tensor, inputs):
         """The model's own output (tensor, tuple or ModelOutput) at θ."""

@@ -243,6 +243,26 @@ def check_output_key(key) -> None:
                      "callable(output) -> tensor")
 
 
+# ------------------------------------------------------------------------------------- compile
+COMPILE_PREFIX = "_orig_mod."
+
+
+def unwrap_compiled(model):
+    """The plain module of a torch.compile'd one (torch._dynamo's OptimizedModule keeps it as
+    ``_orig_mod``); any other module is returned as it is."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) and \
+            type(model).__name__ == "OptimizedModule":
+        model = model._orig_mod
+    return model
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without torch.compile's ``_orig_mod.`` segments."""
+    if COMPILE_PREFIX not in name:
+        return name
+    return ".".join(p for p in name.split(".") if p != "_orig_mod")
+
+
 # ------------------------------------------------------------------------------------- vmap
 _VMAP_DATA_DEPENDENT = ("data-dependent control flow", "calling .item() on a Tensor",
                         ".item() on a Tensor")

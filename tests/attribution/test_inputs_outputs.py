@@ -1,15 +1,22 @@
 """The calling convention of real models (explaind_fast.model.inputs): pytree inputs (tuples, dicts,
 non-tensor leaves), tuple / Mapping outputs and model_output, every accepted train_data form, LM
-output specs and the refusals. The reference everywhere is the same run attributed through a plain tensor input."""
+output specs, torch.compile'd modules both ways, and the refusals. The reference everywhere is the same run attributed through a plain tensor input."""
+import json
+import os
+import tempfile
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import explaind_fast as ef
 from explaind_fast.attribution.granularity import parse_output
+from explaind_fast.model import ParamLayout
 from explaind_fast.model import inputs as I
 from explaind_fast.quadrature.kinks import kink_nodes, quadrature_residual
 from explaind_fast.recording import IndexedDataset
+from explaind_fast.store.format import manifest_checksum
 from explaind_fast.testing.models import DT, TinyMLP
 from explaind_fast.testing.runs import tiny_mlp_run
 
@@ -178,6 +185,7 @@ def test_input_helpers():
     assert I.in_dims(x) == {"a": 0, "b": (0,), "c": None, "d": None}
     assert I.unsqueeze(I.take(x, 0))["a"].shape == (1, 2)
     assert I.call_args(x) == ((), x) and I.call_args((1, 2)) == ((1, 2), {})
+    assert I.canonical_name("enc._orig_mod.layer.weight") == "enc.layer.weight"
     assert I.select_output((torch.ones(1), 2)) is not None
     with pytest.raises(ValueError, match="no tensor"):
         I.batch_size({"a": 1})
@@ -190,3 +198,51 @@ def test_input_helpers():
     out = I.map_samples(f, (0,), on_fallback=calls.append)(v)
     assert torch.equal(out, torch.stack([f(r) for r in v])) and len(calls) == 1
     assert I.is_vmap_data_dependent(calls[0])
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def _record(model_to_train, X, Y, steps=3):
+    opt = torch.optim.AdamW(model_to_train.parameters(), lr=1e-2, weight_decay=0.1)
+    d = tempfile.mkdtemp(prefix="explaind_compile_")
+    with ef.TrajectoryRecorder(model_to_train, opt, d, dataset_size=len(X), fsync=False) as rec:
+        for s in range(steps):
+            idx = torch.arange(4 * s, 4 * s + 6) % len(X)
+            rec.set_batch(idx)
+            opt.zero_grad()
+            F.cross_entropy(model_to_train(X[idx]), Y[idx]).backward()
+            opt.step()
+    return d
+
+
+def test_torch_compile_both_ways(run):
+    X, Y, Xte = run["Xtr"], run["Ytr"], run["Xte"]
+    torch.manual_seed(5)
+    plain = TinyMLP("tanh").to(DT)
+    compiled = torch.compile(plain, backend="eager")
+    assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
+    d = _record(compiled, X, Y)                 # recorded through the compiled module
+    traj = ef.Trajectory.load(d)
+    assert traj.layout.names[0] == "fc1.weight"
+    kw = dict(data="sample", train_data=(X, Y), quadrature=GL)
+    a = attr(plain, traj, Xte, **kw)
+    assert a.certificate["problems"] == []
+    _close(attr(compiled, traj, Xte, **kw), a, tol=0)   # attributed through the compiled one
+
+    # a trajectory stored with the prefixed names (recorded before names were canonical)
+    path = os.path.join(d, "manifest.json")
+    with open(path) as f:
+        man = json.load(f)
+    man["layout"]["names"] = ["_orig_mod." + n for n in man["layout"]["names"]]
+    man["sha256"] = manifest_checksum(man)
+    with open(path, "w") as f:
+        json.dump(man, f)
+    old = ef.Trajectory.load(d)
+    assert old.layout.names == traj.layout.names
+    _close(attr(plain, old, Xte, **kw), a, tol=0)
+
+    # a real mismatch says that names are compared without the prefix
+    with pytest.raises(ValueError, match=r"without torch.compile's '_orig_mod\.' segments"):
+        attr(TupleMLP("tanh").to(DT).fc1, traj, Xte)
+    with pytest.raises(ValueError, match="occurs twice"):
+        ParamLayout(names=("a.w", "_orig_mod.a.w"), shapes=((1,), (1,)),
+                    dtypes=("float64", "float64"))
