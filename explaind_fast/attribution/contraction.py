@@ -108,6 +108,7 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
         si = sample[sl]
         ths = theta_s[None] + t[sl, None] * delta[None]
         J = jac(ths, _in.take(X, si), None if tg is None else _in.take(tg, si))
+        J = J.contiguous()                        # (vmap may return an expanded Jacobian)
         J.mul_(w[sl, None, None])                 # [c, K, D]; in place: J is fresh, c·K·D numbers
         if J.device.type == "cpu" and bool(torch.isfinite(J).all()):
             # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
