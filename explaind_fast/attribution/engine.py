@@ -13,7 +13,9 @@ by quadrature (docs/design.md §1–4). The pipeline (docs/design.md §9):
 Inputs, outputs and models follow :mod:`explaind_fast.model.inputs`: test and training inputs are
 any pytree of tensors batched on dim 0 (a tensor, a tuple, a dict such as {"input_ids",
 "attention_mask"}), the model may return a tensor, a tuple or a ModelOutput, a torch.compile'd
-module is attributed through its plain module.
+module is attributed through its plain module. Everything runs with scaled-dot-product attention
+on its math backend (forward-mode AD; :mod:`explaind_fast.model.attention`), and a model op without
+a forward-mode derivative makes mode="auto" plan reverse mode (recorded in ``plan``).
 
 Limits: the model must be row-wise in the batch (no BatchNorm in train mode); reverse mode splits
 rows down to single (sample, output) rows but never below one row of D numbers. Peak memory:
@@ -21,6 +23,8 @@ docs/design.md §10 (symbols in planner.py).
 """
 from __future__ import annotations
 
+from ..model import attention_backend
+from ..model.attention import forward_ad_missing
 from .accumulator import Accumulator
 from .credit import gradient_credit, update_credit
 from .problem import per_sample_text, prepare
@@ -81,19 +85,28 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
     summed ones (step if "all", param if "all", data if "all", output if a single output).
     Contributions are to the *change* of the output (docs/design.md §1).
     """
-    pb = prepare(model, trajectory, test_inputs, test_targets=test_targets, train_data=train_data,
-                 loss_fn=loss_fn, output=output, model_output=model_output, params=params,
-                 data=data, steps=steps, quadrature=quadrature, mode=mode,
-                 memory_budget=memory_budget, dtype=dtype, device=device, credit=credit,
-                 max_intervals=max_intervals)
-    acc = Accumulator(pb)
-    bar = _progress(pb.N, progress)
-    try:
-        (update_credit if pb.credit == "update" else gradient_credit)(pb, acc, bar)
-    finally:
-        bar.close()
-    pb.plan.per_sample = per_sample_text(pb.fm)
-    return acc.result(strict=strict)
+    with attention_backend():
+        pb = prepare(model, trajectory, test_inputs, test_targets=test_targets,
+                     train_data=train_data, loss_fn=loss_fn, output=output,
+                     model_output=model_output, params=params, data=data, steps=steps,
+                     quadrature=quadrature, mode=mode, memory_budget=memory_budget, dtype=dtype,
+                     device=device, credit=credit, max_intervals=max_intervals)
+        acc = Accumulator(pb)
+        bar = _progress(pb.N, progress)
+        try:
+            (update_credit if pb.credit == "update" else gradient_credit)(pb, acc, bar)
+        except (NotImplementedError, RuntimeError) as e:
+            op = forward_ad_missing(e)
+            if op is None:
+                raise
+            raise ValueError(f"forward-mode AD is not implemented for {op} (a JVP of mode="
+                             f"{pb.plan.mode!r} or of quadrature={pb.rule.text!r} ran into it): use "
+                             "mode='reverse' with a fixed quadrature such as "
+                             "quadrature='gauss-legendre:8'") from e
+        finally:
+            bar.close()
+        pb.plan.per_sample = per_sample_text(pb.fm)
+        return acc.result(strict=strict)
 
 
 class _NoBar:

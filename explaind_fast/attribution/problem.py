@@ -5,8 +5,10 @@ the objects the credit strategies use (docs/design.md §9).
 
 Nothing here evaluates a step: it parses the granularity specs, builds the functional model and
 the test function, evaluates the initial outputs (which also measures the activations the planner
-needs), probes whether the model runs under vmap (two samples), and asks the planner for the
-contraction order and chunk sizes. Inputs and outputs follow :mod:`explaind_fast.model.inputs`.
+needs and sees whether the model calls scaled-dot-product attention), probes whether the model has
+a forward-mode derivative (one test sample) and runs under vmap (two), and asks the planner for
+the contraction order and chunk sizes. Inputs and outputs follow :mod:`explaind_fast.model.inputs`.
+Call it under :func:`explaind_fast.model.attention_backend` (``attribute`` does).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.func import jvp
 
 from ..model import FunctionalModel, TestFunction
+from ..model import attention as _att
 from ..model import inputs as _in
 from ..quadrature import QuadratureRule, parse_quadrature
 from .contraction import _FALLBACK_LOOP_MAX_GROUPS, op_supports
@@ -128,6 +132,10 @@ def activation_count(model, call):
     return total[0], y
 
 
+#: quadrature rules that evaluate J·Δ with forward-mode JVPs whatever the contraction mode
+_JVP_RULES = ("adaptive", "kinks")
+
+
 def _test_data(test_inputs, test_targets, dtype, device):
     """(inputs, targets, M): the test set as pytrees on ``device``, checked. A dict with "labels"
     splits into inputs and targets (:func:`explaind_fast.model.inputs.split_labels`)."""
@@ -155,6 +163,18 @@ def _call_text(X) -> str:
     X = _in.normalize(X)
     return "model(**x)" if isinstance(X, Mapping) else \
         "model(*x)" if isinstance(X, (tuple, list)) else "model(x)"
+
+
+def forward_ad_probe(tf: TestFunction, theta: torch.Tensor) -> Optional[str]:
+    """The op without a forward-mode derivative that a JVP of the output functional at θ on one
+    test sample runs into, or None (it ran, or failed for another reason that the attribution
+    itself will report)."""
+    x, tg = tf.rows(slice(0, 1))
+    try:
+        jvp(lambda th: tf.h(tf.fm(th, x), tg), (theta,), (torch.ones_like(theta),))
+    except (NotImplementedError, RuntimeError) as e:
+        return _att.forward_ad_missing(e)
+    return None
 
 
 def vmap_probe(tf: TestFunction, theta: torch.Tensor) -> str:
@@ -241,8 +261,10 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     fm = FunctionalModel(model, layout, dtype, device, output=model_output)
     tf = TestFunction(fm, X, test_targets, out_spec.h)
     theta0 = traj.theta(0, dtype=dtype, device=device)
+    seen = _att.AttentionProbe()
     try:
-        A, raw = activation_count(model, lambda: fm.raw(theta0, X))
+        with seen:
+            A, raw = activation_count(model, lambda: fm.raw(theta0, X))
     except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as e:
         raise ValueError(f"test_inputs ({_in.describe(X)}) could not be fed to the model, called "
                          f"as {_call_text(X)}: {type(e).__name__}: {e}") from None
@@ -265,6 +287,21 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
         raise ValueError(f"output={output!r} gives no outputs per test sample ([{M}, 0]); it must "
                          "select at least one")
 
+    mode_reason = ""
+    missing = forward_ad_probe(tf, theta0)
+    if missing is not None:
+        if mode == "forward":
+            raise ValueError(f"mode='forward' needs forward-mode AD, but the model calls "
+                             f"{missing}, which has no forward-mode derivative in torch; use "
+                             "mode='reverse' (or 'auto') with a fixed quadrature such as "
+                             "quadrature='gauss-legendre:8'")
+        if rule.kind in _JVP_RULES:
+            raise ValueError(f"quadrature={rule.text!r} evaluates J·Δ with forward-mode JVPs, but "
+                             f"the model calls {missing}, which has no forward-mode derivative in "
+                             "torch; use a fixed rule such as quadrature='gauss-legendre:8' "
+                             "(reverse mode is then planned)")
+        mode = "reverse"
+        mode_reason = f"reverse: {missing} has no forward-mode derivative in torch"
     per_sample = vmap_probe(tf, theta0)
 
     D, G, P = layout.D, groups.G, part.P
@@ -273,6 +310,8 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
                      itemsize=itemsize, mode=mode, credit=credit, budget=memory_budget,
                      data_all=not per_sample_data,
                      fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS))
+    plan.attention = _att.describe(seen.seen)
+    plan.mode_reason = mode_reason
     plan.per_sample = per_sample
     budget = plan.memory_budget
     S = len(windows.bounds)

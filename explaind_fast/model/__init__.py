@@ -4,14 +4,17 @@ Owns: how a module's trainable parameters are flattened (:class:`ParamLayout`), 
 convention for inputs and outputs (:mod:`.inputs`: any pytree of tensors batched on dim 0; tensor,
 tuple or ModelOutput outputs; torch.compile's wrapper), how the module is evaluated at any θ with
 its frozen parameters and buffers (:class:`FunctionalModel`), the output functional on a test set
-(:class:`TestFunction`) and the per-sample losses of language models (:mod:`.losses`, public
-as ``explaind_fast.losses``). Every other stage speaks in this layout.
+(:class:`TestFunction`), the math SDPA backend that keeps attention forward-differentiable
+(:mod:`.attention`) and the per-sample losses of language models (:mod:`.losses`, public as
+``explaind_fast.losses``). Every other stage speaks in this layout.
 
 May import: torch only. Never imports: any other explaind_fast subpackage (this is the bottom layer),
 transformers (model outputs are recognised by duck typing).
 """
 from . import inputs, losses
+from .attention import attention_backend
 from .functional import FunctionalModel, TestFunction
 from .layout import ParamLayout
 
-__all__ = ["ParamLayout", "FunctionalModel", "TestFunction", "inputs", "losses"]
+__all__ = ["ParamLayout", "FunctionalModel", "TestFunction", "attention_backend", "inputs",
+           "losses"]

@@ -1,6 +1,7 @@
 """The calling convention of real models (explaind_fast.model.inputs): pytree inputs (tuples, dicts,
 non-tensor leaves), tuple / Mapping outputs and model_output, every accepted train_data form, LM
-output specs, torch.compile'd modules both ways, and the refusals. The reference everywhere is the same run attributed through a plain tensor input."""
+output specs, torch.compile'd modules both ways, models without a forward-mode derivative, and the
+refusals. The reference everywhere is the same run attributed through a plain tensor input."""
 import json
 import os
 import tempfile
@@ -17,8 +18,8 @@ from explaind_fast.model import inputs as I
 from explaind_fast.quadrature.kinks import kink_nodes, quadrature_residual
 from explaind_fast.recording import IndexedDataset
 from explaind_fast.store.format import manifest_checksum
-from explaind_fast.testing.models import DT, TinyMLP
-from explaind_fast.testing.runs import tiny_mlp_run
+from explaind_fast.testing.models import DT, TinyMLP, mlp_data
+from explaind_fast.testing.runs import tiny_mlp_run, train_tiny
 
 GL = "gauss-legendre:6"
 
@@ -246,3 +247,43 @@ def test_torch_compile_both_ways(run):
     with pytest.raises(ValueError, match="occurs twice"):
         ParamLayout(names=("a.w", "_orig_mod.a.w"), shapes=((1,), (1,)),
                     dtypes=("float64", "float64"))
+
+
+# ------------------------------------------------------------------------------ no forward AD
+class _Square(torch.autograd.Function):
+    """x² with a backward but no jvp: forward-mode AD is not implemented for it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * ctx.saved_tensors[0] * g
+
+
+class SquareMLP(TinyMLP):
+    def forward(self, x):
+        return self.out(_Square.apply(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))))
+
+
+def test_op_without_forward_ad_plans_reverse_mode():
+    torch.manual_seed(0)
+    model = SquareMLP("tanh").to(DT)
+    Xtr, Ytr, Xte, Yte = mlp_data()
+    run = dict(traj=train_tiny(model, Xtr, Ytr, steps=3), Xtr=Xtr, Ytr=Ytr, Xte=Xte)
+    a = attr(model, run["traj"], run["Xte"], data="sample", train_data=(run["Xtr"], run["Ytr"]),
+             credit="update", steps="each")
+    assert a.plan["mode"] == "reverse" and "jvp" in a.plan["mode_reason"]
+    assert a.plan["attention"] == "no scaled-dot-product attention seen"
+    assert a.reconstruction_error <= 1e-9 * float((a.final - a.initial).abs().max())
+    with pytest.raises(ValueError, match=r"mode='forward' needs forward-mode AD.*custom autograd"):
+        attr(model, run["traj"], run["Xte"], mode="forward")
+    with pytest.raises(ValueError, match="quadrature='kinks:2' evaluates J·Δ"):
+        attr(model, run["traj"], run["Xte"], quadrature="kinks:2")
