@@ -105,7 +105,7 @@ setup(
         # the demos' figures and scikit-learn's bundled 8×8 digits
         "demos": DEMOS,
         # the test suite runs the demos' smoke tests and checks the layer contract
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "import-linter>=2.1"] + DEMOS,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "import-linter>=2.1", "transformers"] + DEMOS,
     },
     zip_safe=False,
 )

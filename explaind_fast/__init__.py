@@ -7,6 +7,7 @@ Public API (imported lazily so that ``import explaind_fast`` is cheap and never 
     attribute, Attribution                               the exact sums          (attribution/)
     NodeSet                                              custom quadrature nodes (quadrature/)
     ParamLayout                                          the flat parameter layout (model/)
+    losses                                               per-sample losses, language models too
     ops                                                  the fused path-kernel reduction op
 
 Results are contributions to the *change* of the output; docs/design.md §1 states the sign
@@ -29,9 +30,9 @@ _EXPORTS = {
     "NodeSet": "explaind_fast.quadrature",
 }
 _SUBPACKAGES = ("model", "optim", "store", "recording", "quadrature", "attribution", "ops",
-                "kernels", "testing", "demos")
+                "kernels", "testing", "demos", "losses")
 
-__all__ = sorted(_EXPORTS) + ["ops", "__version__"]
+__all__ = sorted(_EXPORTS) + ["losses", "ops", "__version__"]
 
 
 def __getattr__(name):

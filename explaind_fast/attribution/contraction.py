@@ -20,6 +20,7 @@ import torch
 from torch.func import jacrev, jvp, vmap
 
 from ..model import TestFunction
+from ..model import inputs as _in
 from ..quadrature import NodeSet
 from .granularity import ParamGroups
 
@@ -27,7 +28,7 @@ _FALLBACK_LOOP_MAX_GROUPS = 64
 
 
 def _targets_or_dummy(tf: TestFunction, idx):
-    return (tf.targets[idx], 0) if tf.targets is not None else (None, None)
+    return (_in.take(tf.targets, idx), 0) if tf.targets is not None else (None, None)
 
 
 def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents: torch.Tensor,
@@ -41,8 +42,8 @@ def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents:
     Per-sample nodes: one call per node column, vmapped over the samples whose weight there is
     non-zero (the padding of shorter rules is skipped). Zero-weight nodes add nothing either way.
     """
-    X = tf.X[idx]
-    m, T = X.shape[0], tangents.shape[0]
+    X = _in.take(tf.X, idx)
+    m, T = _in.batch_size(X), tangents.shape[0]
     if not nodes.per_sample:
         keep = nodes.w != 0
         t, w = nodes.t[keep].to(theta_s), nodes.w[keep].to(theta_s)
@@ -71,9 +72,8 @@ def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents:
         if len(live) == 0:
             continue
         ths = theta_s[None] + t_all[live, q, None] * delta[None]       # [l, D]
-        li = live.to(X.device)
-        out = vmap(per_sample, in_dims=(0, 0, tg_dim))(
-            ths, X[li], None if tg is None else tg[live.to(tg.device)])  # [l, T, K]
+        out = tf.fm.vmap(per_sample, (0, 0, tg_dim))(
+            ths, _in.take(X, live), None if tg is None else _in.take(tg, live))  # [l, T, K]
         out = w_all[live, q, None, None] * out
         if acc is None:
             acc = torch.zeros((m,) + out.shape[1:], dtype=out.dtype, device=out.device)
@@ -90,8 +90,8 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
 
     The (sample, node) pairs are evaluated max_pairs at a time in one vmap(jacrev) call
     (memory ≈ max_pairs·K·(D + A) numbers)."""
-    X = tf.X[idx]
-    m = X.shape[0]
+    X = _in.take(tf.X, idx)
+    m = _in.batch_size(X)
     if nodes.per_sample:
         t, w = nodes.t[idx], nodes.w[idx]                              # [m, Q]
     else:
@@ -99,15 +99,16 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
     keep = w != 0                                                      # skip zero-weight padding
     sample = torch.arange(m)[:, None].expand_as(t)[keep]
     t, w = t[keep].to(theta_s), w[keep].to(theta_s)
-    tg = None if tf.targets is None else tf.targets[idx]
-    jac = vmap(jacrev(lambda th, x, y: tf.single(th, x, y)[ks]),
-               in_dims=(0, 0, None if tg is None else 0))
+    tg = None if tf.targets is None else _in.take(tf.targets, idx)
+    jac = tf.fm.vmap(jacrev(lambda th, x, y: tf.single(th, x, y)[ks]),
+                     (0, 0, None if tg is None else 0))
     phi = None
     for a in range(0, len(sample), max(1, max_pairs)):
         sl = slice(a, a + max(1, max_pairs))
         si = sample[sl]
         ths = theta_s[None] + t[sl, None] * delta[None]
-        J = jac(ths, X[si.to(X.device)], None if tg is None else tg[si.to(tg.device)])
+        J = jac(ths, _in.take(X, si), None if tg is None else _in.take(tg, si))
+        J = J.contiguous()                        # (vmap may return an expanded Jacobian)
         J.mul_(w[sl, None, None])                 # [c, K, D]; in place: J is fresh, c·K·D numbers
         if J.device.type == "cpu" and bool(torch.isfinite(J).all()):
             # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
@@ -187,7 +188,7 @@ def row_chunks(M: int, K: int, sample_chunk: int, output_chunk: int):
 def reverse_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
                  B: torch.Tensor, plan, K: int):
     """Reverse mode for one step, row chunk by row chunk: same outputs as :func:`forward_step`."""
-    M = tf.X.shape[0]
+    M = tf.M
     G, P1 = groups.G, B.shape[0]
     out = torch.zeros(G, P1, M, K, dtype=theta_s.dtype, device=theta_s.device)
     jd = torch.zeros(M, K, dtype=theta_s.dtype, device=theta_s.device)

@@ -10,20 +10,29 @@ by quadrature (docs/design.md §1–4). The pipeline (docs/design.md §9):
     prepare (problem.py) → Accumulator (accumulator.py) → update_credit | gradient_credit
     (credit.py, which call contraction.py per step) → Accumulator.result() → Attribution
 
-Limits: test_inputs is one tensor (single-input models); the model must be row-wise in the batch
-(no BatchNorm in train mode); reverse mode splits rows down to single (sample, output) rows but
-never below one row of D numbers. Peak memory: docs/design.md §10 (symbols in planner.py).
+Inputs, outputs and models follow :mod:`explaind_fast.model.inputs`: test and training inputs are
+any pytree of tensors batched on dim 0 (a tensor, a tuple, a dict such as {"input_ids",
+"attention_mask"}), the model may return a tensor, a tuple or a ModelOutput, a torch.compile'd
+module is attributed through its plain module. Everything runs with scaled-dot-product attention
+on its math backend (forward-mode AD; :mod:`explaind_fast.model.attention`), and a model op without
+a forward-mode derivative makes mode="auto" plan reverse mode (recorded in ``plan``).
+
+Limits: the model must be row-wise in the batch (no BatchNorm in train mode); reverse mode splits
+rows down to single (sample, output) rows but never below one row of D numbers. Peak memory:
+docs/design.md §10 (symbols in planner.py).
 """
 from __future__ import annotations
 
+from ..model import attention_backend
+from ..model.attention import forward_ad_missing
 from .accumulator import Accumulator
 from .credit import gradient_credit, update_credit
-from .problem import prepare
+from .problem import per_sample_text, prepare
 from .result import Attribution
 
 
 def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
-              output="logits", params="all", data="all", steps="all",
+              output="logits", model_output="logits", params="all", data="all", steps="all",
               quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
               device=None, progress=True, credit="auto", max_intervals=64,
               strict=False) -> Attribution:
@@ -31,15 +40,29 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
 
     Args:
         model: the nn.Module (architecture; its trainable parameters must match the trajectory's
-            layout; its current weights are not used, frozen params and buffers are).
+            layout; its current weights are not used, frozen params and buffers are); a
+            torch.compile'd module is unwrapped (names match without "_orig_mod.").
         trajectory: a Trajectory (the read API of :class:`explaind_fast.store.Trajectory`).
-        test_inputs: [M, ...] inputs (floating inputs must have the attribution dtype).
-        test_targets: [M] targets, needed for output="loss" (and passed to a callable h).
-        train_data: (X, Y) tensors or a dataset of (x, y), indexed like the recorded batches;
-            needed when data != "all". loss_fn: per-sample loss (reduction='none'), default
-            cross-entropy; must match the training loss (the recorded weights w_{s,k} are applied).
+        test_inputs: the M test inputs: a tensor [M, ...] (model(x)), a tuple (model(*x)) or a
+            dict (model(**x)) of tensors batched on dim 0 (floating ones must have the attribution
+            dtype). A dict with "labels" gives the test targets too ({"labels",
+            "attention_mask"}, :func:`explaind_fast.model.inputs.split_labels`).
+        test_targets: targets batched on dim 0 (a tensor or a pytree), needed for output="loss"
+            and "token_losses" (and passed to a callable h).
+        train_data: indexed like the recorded batches, needed when data != "all": a tuple
+            (inputs, targets) of pytrees batched on dim 0, a dict batch with "labels" (targets
+            {"labels", "attention_mask"}, inputs the rest), or a map-style dataset of (x, y)
+            pairs or such dicts (an IndexedDataset too), collated with default_collate.
+            loss_fn: per-sample loss(outputs, targets) -> [B] (reduction='none'), default
+            cross-entropy; must match the training loss (the recorded weights w_{s,k} are
+            applied); language models: :func:`explaind_fast.losses.causal_lm_loss`.
         output: "logits" | class index | list of indices | ("margin", i, j) | list of margins |
-            "loss" | [K, O] projection | callable h(outputs [M, O], targets) -> [M, K] (row-wise).
+            "loss" | "token_losses" (causal LM, [M, T−1]) | ("position", p) (logits at sequence
+            position p) | ("position", p, j) | [K, O] projection | callable h(outputs [M, ...],
+            targets) -> [M, K] (row-wise).
+        model_output: which tensor of the model's output h sees: "logits" (default: a tensor
+            itself, a ModelOutput's / dict's "logits", a tuple's first entry), another key, an
+            index, or a callable(output) -> tensor.
         params: "all" | "tensor" | "module"/"layer" | {group: [name patterns]} | callable(name) |
             "neuron" | "parameter" | int64 [D] group map.
         data: "all" (no gradient recomputation) | "label" | "sample" | int [n_train] partition.
@@ -62,15 +85,28 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
     summed ones (step if "all", param if "all", data if "all", output if a single output).
     Contributions are to the *change* of the output (docs/design.md §1).
     """
-    pb = prepare(model, trajectory, test_inputs, test_targets=test_targets, train_data=train_data,
-                 loss_fn=loss_fn, output=output, params=params, data=data, steps=steps,
-                 quadrature=quadrature, mode=mode, memory_budget=memory_budget, dtype=dtype,
-                 device=device, credit=credit, max_intervals=max_intervals)
-    acc = Accumulator(pb)
-    bar = _progress(pb.N, progress)
-    (update_credit if pb.credit == "update" else gradient_credit)(pb, acc, bar)
-    bar.close()
-    return acc.result(strict=strict)
+    with attention_backend():
+        pb = prepare(model, trajectory, test_inputs, test_targets=test_targets,
+                     train_data=train_data, loss_fn=loss_fn, output=output,
+                     model_output=model_output, params=params, data=data, steps=steps,
+                     quadrature=quadrature, mode=mode, memory_budget=memory_budget, dtype=dtype,
+                     device=device, credit=credit, max_intervals=max_intervals)
+        acc = Accumulator(pb)
+        bar = _progress(pb.N, progress)
+        try:
+            (update_credit if pb.credit == "update" else gradient_credit)(pb, acc, bar)
+        except (NotImplementedError, RuntimeError) as e:
+            op = forward_ad_missing(e)
+            if op is None:
+                raise
+            raise ValueError(f"forward-mode AD is not implemented for {op} (a JVP of mode="
+                             f"{pb.plan.mode!r} or of quadrature={pb.rule.text!r} ran into it): use "
+                             "mode='reverse' with a fixed quadrature such as "
+                             "quadrature='gauss-legendre:8'") from e
+        finally:
+            bar.close()
+        pb.plan.per_sample = per_sample_text(pb.fm)
+        return acc.result(strict=strict)
 
 
 class _NoBar:

@@ -4,8 +4,9 @@
   group a contiguous segment, and the segment offsets (all the fused op ever sees).
 * data    -> :class:`DataPartition`: a partition id per training sample (or None for "all").
 * steps   -> :class:`StepWindows`: half-open windows [a, b) of update indices.
-* output  -> :class:`OutputSpec`: the functional h(outputs [M, O], targets) -> [M, K] that is
-  differentiated (summed or projected outputs are folded in before differentiating).
+* output  -> :class:`OutputSpec`: the functional h(outputs [M, ...], targets) -> [M, K] that is
+  differentiated (summed or projected outputs are folded in before differentiating); outputs is
+  the model's selected output tensor (``model_output``), targets the test targets (a pytree).
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as Fn
 
 from ..model import ParamLayout
+from ..model.losses import causal_lm_token_losses, cross_entropy, labels_and_mask
 
 
 # ---------------------------------------------------------------------------------------- params
@@ -162,9 +163,10 @@ class DataPartition:
         return len(self.labels)
 
 
-def parse_data(spec, n_train: Optional[int], train_targets: Optional[torch.Tensor]) -> DataPartition:
+def parse_data(spec, n_train: Optional[int], train_targets) -> DataPartition:
     """"all" | "label" | "sample" | int tensor [n_train] of partition ids >= 0 (optionally a pair
-    (ids, labels) where every id must be < len(labels))."""
+    (ids, labels) where every id must be < len(labels)). "label" reads integer class targets [n]
+    (a targets Mapping's "labels")."""
     if isinstance(spec, str) and spec.lower() == "all":
         return DataPartition("all", None, ["all"], False)
     if n_train is None:
@@ -174,6 +176,10 @@ def parse_data(spec, n_train: Optional[int], train_targets: Optional[torch.Tenso
         if s == "sample":
             return DataPartition("sample", torch.arange(n_train), list(range(n_train)), True)
         if s == "label":
+            try:
+                train_targets = labels_and_mask(train_targets)[0]
+            except ValueError:
+                train_targets = None
             if train_targets is None or train_targets.dim() != 1 or train_targets.is_floating_point():
                 raise ValueError("data='label' needs integer class targets [n_train] in train_data")
             classes, inv = torch.unique(train_targets.cpu(), return_inverse=True)
@@ -263,9 +269,48 @@ class OutputSpec:
     text: str
 
 
+def _position_spec(spec) -> OutputSpec:
+    """("position", p) -> the logits at sequence position p, [M, V]; ("position", p, j) with j an
+    int or a list of ints -> those logits at position p."""
+    if len(spec) not in (2, 3) or isinstance(spec[1], bool) or not isinstance(spec[1], int):
+        raise ValueError(f"output={spec!r}: expected ('position', p) or ('position', p, j) with p "
+                         "an int position of the sequence (negative counts from the end) and j a "
+                         "class index or a list of them")
+    p = spec[1]
+    cls = None if len(spec) == 2 else spec[2]
+    if cls is not None and not (isinstance(cls, int) and not isinstance(cls, bool)) and not (
+            isinstance(cls, (list, tuple)) and cls and
+            all(isinstance(c, int) and not isinstance(c, bool) for c in cls)):
+        raise ValueError(f"output={spec!r}: the class index must be an int or a list of ints")
+
+    def h_pos(out, tgt):
+        if out.dim() < 3:
+            raise ValueError(f"output=('position', {p}) needs sequence outputs [M, T, V], the model "
+                             f"gives {tuple(out.shape)}")
+        if not -out.shape[1] <= p < out.shape[1]:
+            raise ValueError(f"position {p} is outside the sequence of length {out.shape[1]}")
+        at = out[:, p].reshape(out.shape[0], -1)
+        if cls is None:
+            return at
+        return at[:, [cls] if isinstance(cls, int) else list(cls)]
+    if cls is None:
+        return OutputSpec(h_pos, None, True, False, f"logits at position {p}")
+    if isinstance(cls, int):
+        return OutputSpec(h_pos, [cls], False, False, f"logit {cls} at position {p}")
+    return OutputSpec(h_pos, list(cls), True, False, f"logits {list(cls)} at position {p}")
+
+
 def parse_output(spec, loss_fn: Optional[Callable]) -> OutputSpec:
     """"logits" | int class | list of ints | ("margin", i, j) | list of margin triples | "loss" |
-    [K, O] projection tensor | callable h(outputs, targets) -> [M, K] (must be row-wise)."""
+    "token_losses" | ("position", p) | ("position", p, j) | [K, O] projection tensor |
+    callable h(outputs, targets) -> [M, K] (must be row-wise).
+
+    "loss" is loss_fn per test sample (one output; with
+    :func:`explaind_fast.losses.causal_lm_loss` the per-sequence next-token loss);
+    "token_losses" the next-token losses of a causal LM per predicted position, [M, T − 1]
+    (:func:`explaind_fast.losses.causal_lm_token_losses`, 0 where ignored); ("position", p) the
+    logits at sequence position p ([M, T, V] outputs, p < 0 counts from the end), ("position", p, j)
+    logit(s) j there."""
     if isinstance(spec, str):
         if spec == "logits":
             return OutputSpec(lambda out, tgt: out.reshape(out.shape[0], -1), None, True, False,
@@ -276,8 +321,13 @@ def parse_output(spec, loss_fn: Optional[Callable]) -> OutputSpec:
             def h_loss(out, tgt):
                 return lf(out, tgt).reshape(out.shape[0], 1)
             return OutputSpec(h_loss, ["loss"], False, True, "loss")
-        raise ValueError(f"output={spec!r}: expected 'logits', 'loss', class indices, margins, a "
-                         "projection matrix or a callable")
+        if spec == "token_losses":
+            return OutputSpec(causal_lm_token_losses, None, True, True, "token losses")
+        raise ValueError(f"output={spec!r}: expected 'logits', 'loss', 'token_losses', "
+                         "('position', p), class indices, margins, a projection matrix or a "
+                         "callable")
+    if isinstance(spec, tuple) and spec and spec[0] == "position":
+        return _position_spec(spec)
     if isinstance(spec, bool):
         raise ValueError("output: a boolean is not a class index")
     if isinstance(spec, int):
@@ -315,5 +365,6 @@ def parse_output(spec, loss_fn: Optional[Callable]) -> OutputSpec:
 
 
 def default_loss(out, tgt):
-    """Per-sample cross-entropy (reduction='none'), the default training loss."""
-    return Fn.cross_entropy(out, tgt, reduction="none")
+    """Per-sample cross-entropy (reduction='none'), the default training loss (targets: class
+    indices, or a Mapping whose "labels" holds them)."""
+    return cross_entropy(out, tgt)

@@ -26,6 +26,16 @@ MAX_PAIRS = 1024
 
 @dataclass
 class Plan:
+    """The contraction order and chunk sizes, plus how the model is evaluated:
+
+    attention: how scaled-dot-product attention runs ("math SDPA backend (forward-mode AD)", or
+        "no scaled-dot-product attention seen"; :mod:`explaind_fast.model.attention`);
+    mode_reason: why the mode was forced ("" when chosen by cost or by the caller), e.g. reverse
+        mode because an op of the model has no forward-mode derivative;
+    per_sample: how per-sample functions run: "vmap", or "loop (…)" with vmap's reason when the
+        model has data-dependent control flow (a Hugging Face attention-mask check).
+    """
+
     mode: str
     credit: str
     memory_budget: int
@@ -34,6 +44,9 @@ class Plan:
     output_chunk: int
     pair_chunk: int
     estimates: dict = field(default_factory=dict)
+    attention: str = ""
+    mode_reason: str = ""
+    per_sample: str = "vmap"
 
     def to_dict(self):
         return asdict(self)

@@ -5,19 +5,26 @@ the objects the credit strategies use (docs/design.md §9).
 
 Nothing here evaluates a step: it parses the granularity specs, builds the functional model and
 the test function, evaluates the initial outputs (which also measures the activations the planner
-needs) and asks the planner for the contraction order and chunk sizes.
+needs and sees whether the model calls scaled-dot-product attention), probes whether the model has
+a forward-mode derivative (one test sample) and runs under vmap (two), and asks the planner for
+the contraction order and chunk sizes. Inputs and outputs follow :mod:`explaind_fast.model.inputs`.
+Call it under :func:`explaind_fast.model.attention_backend` (``attribute`` does).
 """
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.func import jvp
 
 from ..model import FunctionalModel, TestFunction
+from ..model import attention as _att
+from ..model import inputs as _in
 from ..quadrature import QuadratureRule, parse_quadrature
 from .contraction import _FALLBACK_LOOP_MAX_GROUPS, op_supports
 from .granularity import (DataPartition, OutputSpec, ParamGroups, StepWindows, default_loss,
@@ -35,8 +42,8 @@ class Problem:
     traj: object
     dtype: torch.dtype
     device: torch.device
-    X: torch.Tensor
-    targets: Optional[torch.Tensor]
+    X: object                       # test inputs: a pytree batched on dim 0
+    targets: Optional[object]       # test targets: a pytree batched on dim 0, or None
     out_spec: OutputSpec
     groups: ParamGroups
     part: DataPartition
@@ -62,7 +69,7 @@ class Problem:
 
     @property
     def M(self) -> int:
-        return self.X.shape[0]
+        return self.tf.M
 
     @property
     def K(self) -> int:
@@ -125,14 +132,79 @@ def activation_count(model, call):
     return total[0], y
 
 
+#: quadrature rules that evaluate J·Δ with forward-mode JVPs whatever the contraction mode
+_JVP_RULES = ("adaptive", "kinks")
+
+
+def _test_data(test_inputs, test_targets, dtype, device):
+    """(inputs, targets, M): the test set as pytrees on ``device``, checked. A dict with "labels"
+    splits into inputs and targets (:func:`explaind_fast.model.inputs.split_labels`)."""
+    X = _in.normalize(test_inputs)
+    if isinstance(X, Mapping) and _in.LABELS in X:
+        if test_targets is not None:
+            raise ValueError(f"test_inputs holds '{_in.LABELS}' and test_targets is given too: "
+                             "pass the targets one way only")
+        X, test_targets = _in.split_labels(X, "test_inputs")
+    M = _in.batch_size(X, "test_inputs")
+    if M < 1:
+        raise ValueError(f"test_inputs must be a non-empty batch [M, ...], got "
+                         f"{_in.describe(X)}")
+    _in.check_float_dtype(X, dtype, "test_inputs")
+    X = _in.to_device(X, device)
+    if test_targets is not None:
+        test_targets = _in.to_device(_in.as_tensors(test_targets), device)
+        Mt = _in.batch_size(test_targets, "test_targets")
+        if Mt != M:
+            raise ValueError(f"test_targets has {Mt} entries for {M} test inputs")
+    return X, test_targets, M
+
+
+def _call_text(X) -> str:
+    X = _in.normalize(X)
+    return "model(**x)" if isinstance(X, Mapping) else \
+        "model(*x)" if isinstance(X, (tuple, list)) else "model(x)"
+
+
+def forward_ad_probe(tf: TestFunction, theta: torch.Tensor) -> Optional[str]:
+    """The op without a forward-mode derivative that a JVP of the output functional at θ on one
+    test sample runs into, or None (it ran, or failed for another reason that the attribution
+    itself will report)."""
+    x, tg = tf.rows(slice(0, 1))
+    try:
+        jvp(lambda th: tf.h(tf.fm(th, x), tg), (theta,), (torch.ones_like(theta),))
+    except (NotImplementedError, RuntimeError) as e:
+        return _att.forward_ad_missing(e)
+    return None
+
+
+def vmap_probe(tf: TestFunction, theta: torch.Tensor) -> str:
+    """plan["per_sample"]: "vmap" when the per-sample output functional runs under vmap (on the
+    first two test samples), else "loop (vmap's reason)" and the model loops from now on."""
+    x, tg = tf.rows(slice(0, 2))
+    try:
+        with torch.no_grad():
+            tf.fm.vmap(lambda xi, ti: tf.single(theta, xi, ti),
+                       (0, None if tg is None else 0))(x, tg)
+    except RuntimeError:
+        pass                                   # any other failure is reported where it happens
+    return per_sample_text(tf.fm)
+
+
+def per_sample_text(fm: FunctionalModel) -> str:
+    return "vmap" if fm.vectorize else \
+        f"loop over samples (vmap refused the model's data-dependent control flow: {fm.loop_reason})"
+
+
 def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
-            output="logits", params="all", data="all", steps="all",
+            output="logits", model_output="logits", params="all", data="all", steps="all",
             quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
             device=None, credit="auto", max_intervals=64) -> Problem:
     """Validate the arguments of :func:`explaind_fast.attribute` (same names) and build a Problem."""
     traj = trajectory
     layout = traj.layout
+    model = _in.unwrap_compiled(model)
     layout.check_model(model)
+    _in.check_output_key(model_output)
     if memory_budget is not None:
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
                 not math.isfinite(memory_budget) or memory_budget <= 0:
@@ -144,24 +216,12 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
 
-    if not isinstance(test_inputs, torch.Tensor):
-        raise ValueError(f"test_inputs must be a tensor [M, ...], got {type(test_inputs).__name__}")
-    if test_inputs.dim() < 1 or test_inputs.shape[0] < 1:
-        raise ValueError(f"test_inputs must be a non-empty batch [M, ...], got shape "
-                         f"{tuple(test_inputs.shape)}")
-    if test_inputs.is_floating_point() and test_inputs.dtype != dtype:
-        raise ValueError(f"test_inputs have dtype {test_inputs.dtype}, but the attribution runs in "
-                         f"{dtype} (the model's dtype or dtype=); convert them")
-    X = test_inputs.to(device)
-    M = X.shape[0]
-    if test_targets is not None:
-        test_targets = torch.as_tensor(test_targets).to(device)
-        if test_targets.shape[0] != M:
-            raise ValueError(f"test_targets has {test_targets.shape[0]} entries for {M} test inputs")
+    X, test_targets, M = _test_data(test_inputs, test_targets, dtype, device)
 
     out_spec = parse_output(output, loss_fn)
     if out_spec.needs_targets and test_targets is None:
-        raise ValueError(f"output={output!r} needs test_targets")
+        raise ValueError(f"output={output!r} needs test_targets (or a 'labels' entry in a dict "
+                         "of test_inputs)")
     groups = parse_params(params, layout)
 
     per_sample_data = not (isinstance(data, str) and data.lower() == "all")
@@ -198,18 +258,24 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     if credit == "gradient" and mode == "forward":
         raise ValueError("credit='gradient' (the backward recursion) runs in reverse mode only")
 
-    fm = FunctionalModel(model, layout, dtype, device)
+    fm = FunctionalModel(model, layout, dtype, device, output=model_output)
     tf = TestFunction(fm, X, test_targets, out_spec.h)
     theta0 = traj.theta(0, dtype=dtype, device=device)
+    seen = _att.AttentionProbe()
     try:
-        A, raw = activation_count(model, lambda: fm(theta0, X))
-    except (RuntimeError, IndexError, TypeError) as e:
-        raise ValueError(f"test_inputs of shape {tuple(X.shape)} and dtype {X.dtype} could not be "
-                         f"fed to the model: {e}") from None
+        with seen:
+            A, raw = activation_count(model, lambda: fm.raw(theta0, X))
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"test_inputs ({_in.describe(X)}) could not be fed to the model, called "
+                         f"as {_call_text(X)}: {type(e).__name__}: {e}") from None
+    raw = _in.select_output(raw, model_output)
+    if not isinstance(raw, torch.Tensor):
+        raise ValueError(f"model_output={model_output!r} selects a {type(raw).__name__}, not a "
+                         "tensor; select the tensor to attribute (e.g. the logits)")
     try:
         with torch.no_grad():
             initial = out_spec.h(raw, test_targets)
-    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+    except (RuntimeError, IndexError, TypeError, ValueError, KeyError) as e:
         shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
         raise ValueError(f"output={output!r} could not be applied to the model's outputs "
                          f"({shape}): {e}") from None
@@ -220,12 +286,33 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     if K == 0:
         raise ValueError(f"output={output!r} gives no outputs per test sample ([{M}, 0]); it must "
                          "select at least one")
+
+    mode_reason = ""
+    missing = forward_ad_probe(tf, theta0)
+    if missing is not None:
+        if mode == "forward":
+            raise ValueError(f"mode='forward' needs forward-mode AD, but the model calls "
+                             f"{missing}, which has no forward-mode derivative in torch; use "
+                             "mode='reverse' (or 'auto') with a fixed quadrature such as "
+                             "quadrature='gauss-legendre:8'")
+        if rule.kind in _JVP_RULES:
+            raise ValueError(f"quadrature={rule.text!r} evaluates J·Δ with forward-mode JVPs, but "
+                             f"the model calls {missing}, which has no forward-mode derivative in "
+                             "torch; use a fixed rule such as quadrature='gauss-legendre:8' "
+                             "(reverse mode is then planned)")
+        mode = "reverse"
+        mode_reason = f"reverse: {missing} has no forward-mode derivative in torch"
+    per_sample = vmap_probe(tf, theta0)
+
     D, G, P = layout.D, groups.G, part.P
     itemsize = torch.finfo(dtype).bits // 8
     plan = make_plan(D=D, M=M, K=K, G=G, P=P, Q=rule.expected_nodes, A=max(1, A // M),
                      itemsize=itemsize, mode=mode, credit=credit, budget=memory_budget,
                      data_all=not per_sample_data,
                      fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS))
+    plan.attention = _att.describe(seen.seen)
+    plan.mode_reason = mode_reason
+    plan.per_sample = per_sample
     budget = plan.memory_budget
     S = len(windows.bounds)
     result_bytes = itemsize * (S * G * (P + 1) * M * K + traj.num_steps * M * K)

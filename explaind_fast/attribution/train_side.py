@@ -7,45 +7,95 @@ recursion (:class:`explaind_fast.optim.MomentRecursion`); for data="all" no grad
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Tuple
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad
 
 from ..model import FunctionalModel
+from ..model import inputs as _in
 from ..optim import RegRecursion, StepRecord
 
 
 class TrainSet:
-    """Training inputs and targets, gathered by dataset index.
+    """Training inputs and targets, gathered by dataset index (pytrees batched on dim 0).
 
-    Accepts a pair (X, Y) of tensors, a TensorDataset, or any sized dataset whose items start with
-    (x, y) (an IndexedDataset's (index, x, y) items are recognised by their int first element).
+    Accepts, with n the dataset size and the rows indexed like the recorded batches:
+
+    * a tuple (inputs, targets), each a pytree of tensors with n rows (a tensor, a tuple, a dict
+      such as {"input_ids", "attention_mask"}); a list [X, Y] of two tensors too;
+    * a dict batch in the Hugging Face layout with a "labels" entry: targets are
+      {"labels", "attention_mask"} (the mask when present), inputs every other entry
+      (:func:`explaind_fast.model.inputs.split_labels`);
+    * a TensorDataset (its first two tensors), or any map-style dataset (``__len__`` and
+      ``__getitem__``) whose items are (x, y) pairs or dicts with "labels"; an IndexedDataset's
+      (index, ...) items are recognised by their int first element. Items are collated with
+      ``torch.utils.data.default_collate`` (so they must have equal shapes).
     """
 
     def __init__(self, train_data, dtype, device):
-        if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and \
-                all(isinstance(t, torch.Tensor) for t in train_data):
-            X, Y = train_data
-        elif hasattr(train_data, "tensors") and len(train_data.tensors) >= 2:
-            X, Y = train_data.tensors[:2]
-        elif hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__"):
-            items = [train_data[i] for i in range(len(train_data))]
-            if items and len(items[0]) == 3 and isinstance(items[0][0], int):
-                items = [it[1:] for it in items]
-            X = torch.stack([torch.as_tensor(it[0]) for it in items])
-            Y = torch.stack([torch.as_tensor(it[1]) for it in items])
-        else:
-            raise ValueError("train_data must be a pair (X, Y) of tensors or a dataset of (x, y)")
-        if X.shape[0] != Y.shape[0]:
-            raise ValueError(f"train_data: {X.shape[0]} inputs but {Y.shape[0]} targets")
-        if X.is_floating_point() and X.dtype != dtype:
-            raise ValueError(f"train_data inputs have dtype {X.dtype}, but the attribution runs in "
-                             f"{dtype}; convert them (or pass dtype={X.dtype})")
-        self.X, self.Y = X.to(device), Y.to(device)
+        X, Y = _inputs_and_targets(train_data)
+        n = _in.batch_size(X, "train_data inputs")
+        m = _in.batch_size(Y, "train_data targets")
+        if n != m:
+            raise ValueError(f"train_data: {n} inputs but {m} targets")
+        _in.check_float_dtype(X, dtype, "train_data inputs",
+                              f"convert them (or pass dtype={_first_float_dtype(X)})")
+        self.X, self.Y = _in.to_device(X, device), _in.to_device(Y, device)
+        self.n = n
 
     def __len__(self):
-        return self.X.shape[0]
+        return self.n
+
+    def batch(self, idx):
+        """(inputs, targets) of the samples idx."""
+        return _in.take(self.X, idx), _in.take(self.Y, idx)
+
+
+def _first_float_dtype(X):
+    return next((t.dtype for _, t in _in.tensor_leaves(X) if t.is_floating_point()), None)
+
+
+_FORMS = ("train_data must be a tuple (inputs, targets) of tensors / pytrees batched on dim 0, a "
+          "dict batch with 'labels', or a map-style dataset of (x, y) pairs or dicts with 'labels'")
+
+
+def _inputs_and_targets(train_data):
+    data = _in.normalize(train_data)
+    if isinstance(data, Mapping):
+        return _in.split_labels(data)
+    if isinstance(data, tuple) and len(data) == 2 or (
+            isinstance(data, list) and len(data) == 2 and
+            all(isinstance(t, torch.Tensor) for t in data)):
+        return _in.normalize(data[0]), _in.normalize(data[1])
+    if isinstance(data, (torch.Tensor, tuple)):
+        raise ValueError(_FORMS + f"; got a {type(data).__name__}")
+    if hasattr(data, "tensors") and len(data.tensors) >= 2:
+        return data.tensors[0], data.tensors[1]
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        items = [_strip_index(data[i]) for i in range(len(data))]
+        if not items:
+            raise ValueError("train_data is an empty dataset")
+        if all(isinstance(it, Mapping) for it in items):
+            return _in.split_labels(_in.collate([dict(it) for it in items]), "train_data items")
+        if all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+            return (_in.collate([it[0] for it in items], "train_data inputs"),
+                    _in.collate([it[1] for it in items], "train_data targets"))
+        raise ValueError(_FORMS + f"; its item 0 is {type(items[0]).__name__}"
+                         + (f" of length {len(items[0])}" if hasattr(items[0], "__len__") else ""))
+    raise ValueError(_FORMS + f"; got a {type(data).__name__}")
+
+
+def _strip_index(item):
+    """An IndexedDataset item (index, x, y) or (index, dict) without its index."""
+    if isinstance(item, (tuple, list)) and isinstance(item[0], int) and \
+            not isinstance(item[0], bool):
+        if len(item) == 3:
+            return tuple(item[1:])
+        if len(item) == 2 and isinstance(item[1], Mapping):
+            return item[1]
+    return item
 
 
 def partition_gradients(fm: FunctionalModel, theta: torch.Tensor, train: TrainSet,
@@ -54,18 +104,19 @@ def partition_gradients(fm: FunctionalModel, theta: torch.Tensor, train: TrainSe
     """G_s restricted to the partitions present in batch B_s: (present ids [U], grads [U, D]).
 
     One backward of the partition-restricted weighted loss per partition, or one vmapped
-    per-sample gradient pass when every batch sample is its own partition.
+    per-sample gradient pass when every batch sample is its own partition (a loop over the
+    samples where vmap cannot run the model, :meth:`FunctionalModel.vmap`).
     Memory: U·D + the activations of the batch (per-sample path: B·D + B·activations).
     """
     idx = rec.batch_indices.to(theta.device)
     w = rec.weights.to(device=theta.device, dtype=theta.dtype)
     pid = part_ids.to(theta.device)[idx]
     present, inv = torch.unique(pid, return_inverse=True)
-    X, Y = train.X[idx], train.Y[idx]
+    X, Y = train.batch(idx)
     if len(present) == len(idx):
         def one(th, x, y):
-            return loss_fn(fm(th, x[None]), y[None]).sum()
-        g = vmap(grad(one), in_dims=(None, 0, 0))(theta, X, Y) * w[:, None]
+            return loss_fn(fm(th, _in.unsqueeze(x)), _in.unsqueeze(y)).sum()
+        g = fm.vmap(grad(one), (None, 0, 0))(theta, X, Y) * w[:, None]
         out = torch.zeros(len(present), theta.shape[0], dtype=theta.dtype, device=theta.device)
         return present, out.index_add_(0, inv, g)
     th = theta.detach().requires_grad_(True)

@@ -8,13 +8,19 @@ layout; nothing else in the library knows how a model is flattened.
 Param groups of the optimizer map to sets of tensors; ``group_of_tensor[t]`` gives the optimizer
 param-group index of tensor ``t``. Per-coordinate hyperparameter vectors (learning rate, weight
 decay) are expanded with :meth:`ParamLayout.expand`.
+
+Names are canonical: torch.compile's ``_orig_mod.`` segments are removed (a compiled module's
+``named_parameters()`` carries them), so a trajectory recorded through ``torch.compile(model)``
+(or an older one that stored the prefixed names) matches the plain module and vice versa.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .inputs import COMPILE_PREFIX, canonical_name
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,12 @@ class ParamLayout:
     group_of_tensor: Tuple[int, ...] = field(default=())
 
     def __post_init__(self):
+        names = tuple(canonical_name(nm) for nm in self.names)
+        if len(set(names)) != len(names):
+            dup = next(nm for nm in names if names.count(nm) > 1)
+            raise ValueError(f"ParamLayout: parameter name '{dup}' occurs twice (after removing "
+                             f"torch.compile's '{COMPILE_PREFIX}' segments)")
+        object.__setattr__(self, "names", names)
         n = len(self.names)
         if len(self.shapes) != n or len(self.dtypes) != n:
             raise ValueError("ParamLayout: names, shapes and dtypes must have the same length")
@@ -52,7 +64,7 @@ class ParamLayout:
         trainable parameter of the model is in no param group (it would move without being
         explained, or not move while being counted).
         """
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = _trainable(model)
         groups = [0] * len(named)
         if optimizer is not None:
             where: Dict[int, int] = {}
@@ -146,7 +158,7 @@ class ParamLayout:
                       ) -> torch.Tensor:
         """θ of ``model`` as a flat [D] vector (checks that the model matches the layout)."""
         self.check_model(model)
-        params = dict(model.named_parameters())
+        params = dict(_trainable(model))
         return self.flatten([params[n] for n in self.names], dtype=dtype)
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -168,21 +180,30 @@ class ParamLayout:
         return torch.repeat_interleave(values, torch.tensor(self.numels, device=device))
 
     def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ValueError naming the first parameter where ``model`` and the layout disagree."""
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        """Raise ValueError naming the first parameter where ``model`` and the layout disagree.
+        Names are compared without torch.compile's ``_orig_mod.`` segments."""
+        named = _trainable(model)
         have = {n: tuple(p.shape) for n, p in named}
+        note = (f" (names are compared without torch.compile's '{COMPILE_PREFIX}' segments; the "
+                f"model's names look like {[n for n, _ in named[:2]]}, the trajectory's like "
+                f"{list(self.names[:2])})")
         for name, shape in zip(self.names, self.shapes):
             if name not in have:
                 raise ValueError(f"the trajectory has parameter '{name}' {shape} that the model "
-                                 "does not have (or has frozen)")
+                                 "does not have (or has frozen)" + note)
             if have[name] != tuple(shape):
                 raise ValueError(f"parameter '{name}': trajectory shape {tuple(shape)}, model "
                                  f"shape {have[name]}")
         extra = [n for n, _ in named if n not in set(self.names)]
         if extra:
             raise ValueError(f"the model has trainable parameter '{extra[0]}' that the trajectory "
-                             "does not record")
+                             "does not record" + note)
         order = [n for n, _ in named]
         if tuple(order) != self.names:
             raise ValueError("the model's trainable parameters are in a different order than the "
                              "trajectory's")
+
+
+def _trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+    """(canonical name, parameter) of the model's trainable parameters, in order."""
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]

@@ -35,7 +35,7 @@ class PathStep:
     along it.
 
     path: a :class:`explaind_fast.model.TestFunction` (``values(θ)`` -> [M, K], ``fm`` the model,
-    ``X`` the test inputs); endpoints: returns (h(f(θ_s)), h(f(θ_{s+1}))), cached by the caller.
+    ``X`` the test inputs, a pytree batched on dim 0, ``M`` their number); endpoints: returns (h(f(θ_s)), h(f(θ_{s+1}))), cached by the caller.
     """
 
     index: int
@@ -142,7 +142,7 @@ class CallableRule(QuadratureRule):
         ns = self.fn(step.index, step.theta, step.delta)
         if not isinstance(ns, NodeSet):
             raise ValueError("a quadrature callable must return a NodeSet")
-        M = step.path.X.shape[0]
+        M = step.path.M
         if ns.per_sample and ns.t.shape[0] != M:
             raise ValueError(f"per-sample NodeSet has {ns.t.shape[0]} rows for {M} test inputs")
         return ns, NodeStats()

@@ -112,6 +112,8 @@ class TrajectoryRecorder:
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
         if dataset_size is not None and (int(dataset_size) != dataset_size or dataset_size < 1):
             raise ValueError(f"dataset_size must be a positive integer, got {dataset_size}")
+        # a torch.compile'd module: record its plain module (names without "_orig_mod.")
+        model = model._orig_mod if type(model).__name__ == "OptimizedModule" else model
         self.model, self.optimizer = model, optimizer
         self.directory = str(directory)
         self.checkpoint_every = int(checkpoint_every)

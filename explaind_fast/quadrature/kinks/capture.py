@@ -13,10 +13,11 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.func import jvp, vmap
+from torch.func import jvp
 from torch.overrides import TorchFunctionMode
 
 from ...model import FunctionalModel, ParamLayout
+from ...model import inputs as _in
 
 # An extractor maps a torch call (args, kwargs) to a list of (kind, tensor):
 #   ("sign", z)      kinks where an element of z crosses zero; z has the batch dim of the call.
@@ -287,13 +288,11 @@ class _Path:
             raise ValueError("theta_s must be a floating-point tensor")
         self.model, self.layout = model, layout
         self.theta, self.delta = theta, delta.to(theta.dtype)
-        self.inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-        if not self.inputs or not all(isinstance(x, torch.Tensor) for x in self.inputs):
-            raise ValueError("test_inputs must be a tensor or a tuple of tensors")
-        self.M = self.inputs[0].shape[0]
-        if any(x.shape[0] != self.M for x in self.inputs):
-            raise ValueError("all test input tensors must share their leading (sample) dimension")
-        self.fm = FunctionalModel(model, layout, dtype=theta.dtype)
+        # any input pytree batched on dim 0 (explaind_fast.model.inputs): a tensor, a tuple of
+        # positional tensors, a dict of keyword tensors
+        self.inputs = _in.normalize(inputs)
+        self.M = _in.batch_size(self.inputs, "test_inputs")
+        self.fm = FunctionalModel(model, layout, dtype=theta.dtype, output=None)
         self.funcs, self.modules = _module_switches(activations)
         self.chunk_elems = chunk_elems
         self.unseen: List[str] = []
@@ -315,7 +314,7 @@ class _Path:
                     handles.append(mod.register_forward_pre_hook(pre_hook))
         try:
             with mode:
-                self.fm(self.theta + t * self.delta, *inputs)
+                self.fm(self.theta + t * self.delta, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -324,12 +323,12 @@ class _Path:
     def _layout_probe(self):
         """Find each switch's batch dimension (the one that grows from 1 to 2 samples)."""
         mode1 = self._capture(torch.zeros((), dtype=self.theta.dtype),
-                              tuple(x[:1] for x in self.inputs))
+                              _in.take(self.inputs, slice(0, 1)))
         self.unseen = sorted(set(mode1.unseen))
         shapes1 = [tuple(z.shape) for _, _, z in mode1.switches]
         if self.M >= 2:
             mode2 = self._capture(torch.zeros((), dtype=self.theta.dtype),
-                                  tuple(x[:2] for x in self.inputs))
+                                  _in.take(self.inputs, slice(0, 2)))
             shapes2 = [tuple(z.shape) for _, _, z in mode2.switches]
             if len(shapes2) != len(shapes1):
                 raise RuntimeError("the model calls a different number of piecewise ops for 1 "
@@ -390,16 +389,15 @@ class _Path:
         out_z, out_dz = [], []
         step = max(1, self.chunk_elems // max(1, self.layout.D + self.K))
 
-        def one(tt, *xs):
+        def one(tt, x):
             def f(t1):
-                return self._flat(self._capture(t1, tuple(x[None] for x in xs)).switches, 1)[0]
+                return self._flat(self._capture(t1, _in.unsqueeze(x)).switches, 1)[0]
             return jvp(f, (tt,), (torch.ones_like(tt),))
 
         for a in range(0, R, step):
-            idx = sample[a:a + step]
-            xs = tuple(x[idx.to(x.device)] for x in self.inputs)
-            z, dz = vmap(one)(t[a:a + step].to(dtype=self.theta.dtype, device=self.theta.device),
-                              *xs)
+            xs = _in.take(self.inputs, sample[a:a + step])
+            z, dz = self.fm.vmap(one, (0, 0))(
+                t[a:a + step].to(dtype=self.theta.dtype, device=self.theta.device), xs)
             out_z.append(z.cpu())
             out_dz.append(dz.cpu())
         self.row_evals += R

@@ -7,9 +7,10 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
-from torch.func import jvp, vmap
+from torch.func import jvp
 
 from ...model import FunctionalModel, ParamLayout
+from ...model import inputs as _in
 from ..nodes import NodeSet, gauss_legendre
 from .search import find_kinks
 
@@ -103,21 +104,25 @@ def kink_nodes(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
 
 def quadrature_residual(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tensor,
                         delta_s: torch.Tensor, test_inputs, nodes: NodeSet, *,
-                        chunk_elems: int = 1 << 24) -> Tuple[torch.Tensor, torch.Tensor]:
+                        chunk_elems: int = 1 << 24, model_output="logits"
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Residual of a rule on the path integral, with forward passes only (docs/design.md §4).
 
     residual = f(θ_s + Δ_s)(x) − f(θ_s)(x) − Σ_q w_q J(θ_s + t_q Δ_s)·Δ_s, per sample and output,
     where J·Δ_s = d/dt f(θ_s + tΔ_s) is one forward-mode pass. ``nodes``: [Q] shared or [M, Q].
     Returns (residual, change) float tensors [M, *out] in θ's dtype; zero-weight padding nodes
     are skipped. Peak memory ≈ chunk_elems floats for the per-row parameter vectors.
+    ``test_inputs``: any input pytree batched on dim 0 (a tensor, a tuple of positional tensors,
+    a dict of keyword tensors; :mod:`explaind_fast.model.inputs`); ``model_output`` selects the
+    output tensor (default "logits": a tensor itself, a ModelOutput's logits, a tuple's first).
     """
-    inputs = tuple(test_inputs) if isinstance(test_inputs, (list, tuple)) else (test_inputs,)
-    M = inputs[0].shape[0]
-    fm = FunctionalModel(model, layout, dtype=theta_s.dtype)
+    inputs = _in.normalize(test_inputs)
+    M = _in.batch_size(inputs, "test_inputs")
+    fm = FunctionalModel(model, layout, dtype=theta_s.dtype, output=model_output)
     delta_s = delta_s.to(theta_s.dtype)
 
     def f(t, xs):
-        return fm(theta_s + t * delta_s, *xs)
+        return fm(theta_s + t * delta_s, xs)
 
     zero = torch.zeros((), dtype=theta_s.dtype)
     change = f(zero + 1, inputs) - f(zero, inputs)
@@ -126,16 +131,16 @@ def quadrature_residual(model: torch.nn.Module, layout: ParamLayout, theta_s: to
         t, w = t.expand(M, -1), w.expand(M, -1)
     sample, q = torch.nonzero(w != 0, as_tuple=True)
 
-    def one(tt, *xs):
-        return jvp(lambda t1: f(t1, tuple(x[None] for x in xs))[0], (tt,), (torch.ones_like(tt),))[1]
+    def one(tt, x):
+        return jvp(lambda t1: f(t1, _in.unsqueeze(x))[0], (tt,), (torch.ones_like(tt),))[1]
 
     step = max(1, chunk_elems // max(1, layout.D))
     integral = torch.zeros_like(change)
     for a in range(0, len(sample), step):
         sm, qq = sample[a:a + step], q[a:a + step]
         dev = theta_s.device
-        g = vmap(one)(t[sm, qq].to(dtype=theta_s.dtype, device=dev),
-                      *(x[sm.to(x.device)] for x in inputs))
+        g = fm.vmap(one, (0, 0))(t[sm, qq].to(dtype=theta_s.dtype, device=dev),
+                                 _in.take(inputs, sm))
         wq = w[sm, qq].to(dtype=g.dtype, device=dev).reshape(-1, *([1] * (g.dim() - 1)))
         integral.index_add_(0, sm.to(dev), wq * g)
     return change - integral, change
