@@ -38,12 +38,15 @@ tensor file whose sha256 differs from its log line, is corruption and raises
 :class:`CorruptTrajectoryError` naming the file and the step. Checksums are verified lazily on the
 first access of each file, or all at once by :meth:`Trajectory.check`.
 
+One writer at a time, and writes never follow links: see :mod:`.writer`.
+
 The writer is :mod:`.writer`, the reader :mod:`.reader`, the replay check :mod:`.replay`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from typing import Dict, Optional
 
@@ -55,6 +58,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOG = "steps.jsonl"
 INIT_FILE = "theta_0.safetensors"
+LOCK_FILE = "writer.lock"   # held (flock) by the one recorder writing the directory
+TMP_SUFFIX = ".tmp"
 
 
 class CorruptTrajectoryError(ValueError):
@@ -63,6 +68,26 @@ class CorruptTrajectoryError(ValueError):
 
 def step_file_name(s: int) -> str:
     return f"step_{s:08d}.safetensors"
+
+
+_STEP_NAME = re.compile(r"step_([0-9]{8,})\.safetensors")
+
+
+def parse_step_file_name(name: str) -> Optional[int]:
+    """s if ``name`` is exactly ``step_file_name(s)``, else None."""
+    m = _STEP_NAME.fullmatch(name)
+    if m is None:
+        return None
+    s = int(m.group(1))
+    return s if step_file_name(s) == name else None
+
+
+def own_tmp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file the writer creates (``<canonical name>.tmp``)."""
+    if not name.endswith(TMP_SUFFIX):
+        return False
+    base = name[:-len(TMP_SUFFIX)]
+    return base in (INIT_FILE, MANIFEST) or parse_step_file_name(base) is not None
 
 
 def tensor_file_bytes(tensors: Dict[str, torch.Tensor], step: Optional[int]) -> bytes:
