@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -61,9 +62,14 @@ class Where:
         raise CorruptTrajectoryError(f"{where}: " + (f"field '{f}': " if f else "") + what)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
 def _show(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
+    """A short repr of a value from a file (bounded in size and nesting, never recursing)."""
+    return _REPR.repr(v)
 
 
 def _got(v: Any) -> str:
@@ -166,7 +172,11 @@ def validate_manifest(m: Any, path: str) -> None:
     if type(version) is not int or version != FORMAT_VERSION:
         w.fail(f"trajectory format version {_show(version)} is not supported by this version "
                f"(reads {FORMAT_VERSION})")
-    if m.get("sha256") != manifest_checksum(m):
+    try:
+        checksum = manifest_checksum(m)
+    except (RecursionError, ValueError):   # nested deeper than json can write back
+        w.fail("the manifest is nested too deeply")
+    if m.get("sha256") != checksum:
         w.fail("the manifest does not match its checksum (edited or corrupted)")
 
     opt = need_dict(need_key(m, "optimizer", w), w, "optimizer")
@@ -318,7 +328,7 @@ def parse_header(raw: bytes, data_len: int, w: Where) -> Tuple[Dict[str, TensorI
             continue
         need_dict(info, w, name)
         code = need_key(info, "dtype", w, name)
-        if code not in ST_DTYPES:
+        if type(code) is not str or code not in ST_DTYPES:
             w.at(name, "dtype").fail(f"unknown safetensors dtype {_show(code)}")
         shape = need_list(need_key(info, "shape", w, name), w, name, "shape")
         if len(shape) > _MAX_DIMS:

@@ -19,11 +19,12 @@ and checks, per category:
   template's; fewer stored steps only if the log itself was damaged (a torn last line), and then
   the same prefix. With check_on_access=False a differing value must be followed by the error
   from check() before the run ends.
-* fields (one JSON field of the manifest or a log line replaced, deleted or added, with the
-  checksums made consistent, so that only validation can refuse it): refused with the store's
-  error (verify() may also refuse with ValueError), or loads with θ, the moments and the batch
-  indices identical to the template's and every scalar well-typed; an added unknown key loads to
-  identical numbers; a file name set to a path (``../outside/…``, absolute, ``./…``, ``…/``) of
+* fields (one JSON field of the manifest, a log line or a safetensors header replaced, deleted
+  or added, with the checksums made consistent, so that only validation can refuse it): refused
+  with the store's error (verify() may also refuse with ValueError), or loads with θ, the moments
+  and the batch indices identical to the template's (an edited header: of its dtype and shape;
+  a consistent header may point a tensor at other bytes of the file) and every scalar
+  well-typed; an added unknown key loads to identical numbers; a file name set to a path (``../outside/…``, absolute, ``./…``, ``…/``) of
   an identical copy of the right file — which a reader that followed it would load to identical
   numbers — is refused.
 * files  (deleted, swapped, duplicated, replaced by another trajectory's file, a directory, a
@@ -55,7 +56,8 @@ from explaind_fast.store import LOG, MANIFEST, CorruptTrajectoryError, Trajector
     encode_log_line, manifest_checksum, step_file_name  # noqa: E402
 from explaind_fast.testing.models import N_SAMPLES, small_data, small_model  # noqa: E402
 from explaind_fast.testing.runs import small_optimizer  # noqa: E402
-from store_tamper import Hang, no_hang, read_entries, same_value  # noqa: E402
+from store_tamper import Hang, no_hang, put_file, read_entries, safetensors_bytes, \
+    same_value  # noqa: E402
 
 EXAMPLES = int(os.environ.get("EXPLAIND_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -223,7 +225,8 @@ def assert_refused_or_identical(truth, got, err, stage, *, log_damaged, check_on
         assert ok, f"{why}: not the store's error at {stage}: {type(err).__name__}: {err}"
     n = dict(got).get("num_steps", truth["num_steps"])
     if n != truth["num_steps"]:   # a torn log: its complete prefix; anything else: refused
-        assert (log_damaged and n < truth["num_steps"]) or isinstance(err, CorruptTrajectoryError), \
+        assert (log_damaged and n < truth["num_steps"]) \
+            or isinstance(err, CorruptTrajectoryError), \
             f"{why}: {n} stored steps, not {truth['num_steps']}, and no error"
     differs = []
     for label, value in got:
@@ -383,13 +386,19 @@ def apply_field(obj, op, path, value):
         del _parent(obj, path)[path[-1]]
 
 
-def check_well_typed(truth, got, n_groups):
+def _like(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape
+
+
+def check_well_typed(truth, got, n_groups, tensors_identical=True):
     """What a trajectory with edited fields may return: θ, moments and indices identical to the
-    template's; scalars of the right types."""
+    template's (with an edited safetensors header: of the template's dtype and shape); scalars of
+    the right types."""
+    same = same_value if tensors_identical else _like
     for label, value in got:
         kind = label[0] if isinstance(label, tuple) else label
         if kind == "theta":
-            assert same_value(value, truth[label]), f"θ_{label[1]} differs"
+            assert same(value, truth[label]), f"θ_{label[1]} differs"
         elif kind in ("step", "raw"):
             want = truth.get(label)
             recs = value if kind == "raw" else [value]
@@ -397,7 +406,8 @@ def check_well_typed(truth, got, n_groups):
             for r, w in zip(recs, wants):
                 for key in ("exp_avg_sq", "exp_avg", "batch_indices"):
                     if r[key] is not None:
-                        assert w is not None and same_value(r[key], w[key]), f"{label}: {key}"
+                        assert w is not None and w[key] is not None and same(r[key], w[key]), \
+                            f"{label}: {key}"
                 if r["batch_weights"] is not None:
                     bw = r["batch_weights"]
                     assert bw.dtype == torch.float64 and bw.shape == r["batch_indices"].shape
@@ -416,8 +426,8 @@ def test_fuzz_fields(fuzz_env, data):
     root, d, outside = new_copy(fuzz_env, template)
     try:
         truth, names = fuzz_env[1][template][1], fuzz_env[1][template][2]
-        target = data.draw(st.sampled_from(["manifest", "log"]), "target")
-        rename = data.draw(st.integers(0, 5), "rename?") == 0
+        target = data.draw(st.sampled_from(["manifest", "log", "header"]), "target")
+        rename = target != "header" and data.draw(st.integers(0, 5), "rename?") == 0
         if rename:   # the file name field: a path to an identical copy of the right file
             right = INIT if target == "manifest" else step_file_name(
                 data.draw(st.integers(0, len(names) - 4), "line"))
@@ -439,6 +449,16 @@ def test_fuzz_fields(fuzz_env, data):
                 m["sha256"] = manifest_checksum(m)
             with open(os.path.join(d, MANIFEST), "w") as f:
                 f.write(json.dumps(m, indent=1) + "\n")
+        elif target == "header":   # the JSON header of a tensor file (its sha256 recorded anew)
+            name = data.draw(st.sampled_from([n for n in names if n.endswith(".safetensors")]),
+                             "file")
+            raw = open(os.path.join(d, name), "rb").read()
+            hl = int.from_bytes(raw[:8], "little")
+            header = json.loads(raw[8:8 + hl])
+            op, path, value = data.draw(field_edit(header), "edit")
+            apply_field(header, op, path, value)
+            put_file(d, None if name == INIT else int(name[5:13]),
+                     safetensors_bytes(header, raw[8 + hl:]))
         else:
             entries = read_entries(d)
             if rename:
@@ -456,8 +476,10 @@ def test_fuzz_fields(fuzz_env, data):
             assert isinstance(err, CorruptTrajectoryError) and "field" in str(err), \
                 f"{why}: not refused: {err!r}"
             return
-        if op == "add_unknown":   # optional fields of later versions: tolerated, same numbers
-            assert err is None, f"{why}: refused: {err!r}"
+        if op == "add_unknown":
+            # optional fields of later versions: tolerated, same numbers (a header is
+            # safetensors': its entries and metadata have fixed types, so it may refuse)
+            assert err is None or target == "header", f"{why}: refused: {err!r}"
             assert_refused_or_identical(truth, got, err, stage, log_damaged=False, why=why)
             return
         if err is not None:
@@ -466,7 +488,7 @@ def test_fuzz_fields(fuzz_env, data):
                 f"{why}: not the store's error at {stage}: {type(err).__name__}: {err}"
         n_groups = len(json.load(open(os.path.join(fuzz_env[1][template][0], MANIFEST)))
                        ["optimizer"]["hyper"])
-        check_well_typed(truth, got, n_groups)
+        check_well_typed(truth, got, n_groups, tensors_identical=target != "header")
     finally:
         shutil.rmtree(root)
 

@@ -6,6 +6,7 @@ verify(); the writer facing planted links. The lock is tested in tests/recording
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -312,6 +313,19 @@ def test_malformed_manifest_fields_name_the_field(traj_dir, edit, field, what):
     refuses(traj_dir, rf"manifest\.json: field '{field}': .*{what}")
 
 
+def test_deeply_nested_field_gives_a_short_message(traj_dir):
+    m = read_manifest(traj_dir)
+    deep = 0
+    for _ in range(500):
+        deep = [deep]
+    m["layout"] = deep
+    write_manifest(traj_dir, m)
+    with pytest.raises(CorruptTrajectoryError) as e:
+        load_all(traj_dir)
+    assert re.search(r"field 'layout': expected an object, got list \[\[\[\[?\.\.\.", str(e.value)) \
+        and len(str(e.value)) < 300, str(e.value)
+
+
 @pytest.mark.parametrize("m", [[1, 2], "x", None, {"format": "explaind_fast.trajectory",
                                                    "format_version": True}])
 def test_manifest_that_is_not_a_manifest(traj_dir, m):
@@ -411,6 +425,7 @@ def test_file_of_another_step_is_refused(traj_dir, key, value):
     ({"theta": {"dtype": "F64", "shape": [66], "data_offsets": [8, 536]}}, "do not tile"),
     ({"theta": {"dtype": "F64", "shape": [67], "data_offsets": [0, 544]}}, r"in \[0, 536\]"),
     ({"theta": {"dtype": "X9", "shape": [67], "data_offsets": [0, 536]}}, "unknown safetensors"),
+    ({"theta": {"dtype": ["F64"], "shape": [67], "data_offsets": [0, 536]}}, "unknown safetensors"),
     ({"theta": {"dtype": "F64", "shape": [-67], "data_offsets": [0, 536]}}, "shape"),
     ({"theta": {"dtype": "F64", "shape": [67], "data_offsets": [0, 536, 9]}}, "2 entries"),
     ({"theta": [1]}, "expected an object"),
