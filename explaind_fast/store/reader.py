@@ -107,12 +107,13 @@ def _read_log_at(dir_fd: int, directory) -> Tuple[List[dict], int]:
 _MAP_BY_FD = os.path.isdir("/proc/self/fd")
 
 
-def _map_private(fd: int, nbytes: int, path: str, what: str) -> torch.Tensor:
-    """The whole file as a uint8 [nbytes] tensor on a private (copy-on-write) mapping."""
+def _map_private(fd: int, nbytes: int) -> Optional[torch.Tensor]:
+    """The whole file as a uint8 [nbytes] tensor on a private (copy-on-write) mapping; None if it
+    cannot be mapped (then the caller reads with pread, which reports a file that shrank)."""
     try:
         storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, nbytes)
-    except RuntimeError as e:   # e.g. the file shrank since fstat
-        raise CorruptTrajectoryError(f"{path} ({what}) cannot be mapped: {e}") from None
+    except RuntimeError:
+        return None
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
@@ -147,13 +148,15 @@ class Trajectory:
     """
 
     def __init__(self, directory: str, manifest: dict, entries: List[dict], log_bytes: int,
-                 check_on_access: bool = True, *, dir_fd: Optional[int] = None):
+                 check_on_access: bool = True, *, dir_fd: Optional[int] = None,
+                 _manifest_checked: bool = False):
         """``entries`` as :func:`read_log` returns them; prefer :meth:`load`. Takes ownership of
         ``dir_fd`` (a descriptor of ``directory``) when given."""
         self._dir_fd: Optional[int] = None
         self.directory = directory
         self.check_on_access = check_on_access
-        validate_manifest(manifest, os.path.join(directory, MANIFEST))
+        if not _manifest_checked:
+            validate_manifest(manifest, os.path.join(directory, MANIFEST))
         self.manifest = manifest
         self._entries = entries
         self._log_bytes = log_bytes
@@ -178,9 +181,9 @@ class Trajectory:
         """Open a trajectory directory; every complete step is available (see module docstring).
 
         ``check_on_access``: verify each file's sha256 the first time it is read (reads the whole
-        file once). Pass False to read only the tensors asked for from very large files (sizes,
-        headers, dtypes, shapes and index ranges are still checked, but not every byte);
-        :meth:`check` and :meth:`verify` still check everything."""
+        file once). Pass False to read only the tensors asked for from very large files: sizes,
+        headers, dtypes and shapes are still checked, the bytes (and the values of batch indices
+        and weights) are trusted until :meth:`check` or :meth:`verify`, which check everything."""
         dir_fd = _open_dir(directory)
         try:
             path = os.path.join(directory, MANIFEST)
@@ -204,7 +207,8 @@ class Trajectory:
             manifest = parse_json(raw, Where(path))
             validate_manifest(manifest, path)
             entries, log_bytes = _read_log_at(dir_fd, directory)
-            return cls(directory, manifest, entries, log_bytes, check_on_access, dir_fd=dir_fd)
+            return cls(directory, manifest, entries, log_bytes, check_on_access, dir_fd=dir_fd,
+                       _manifest_checked=True)
         except BaseException:
             os.close(dir_fd)
             raise
@@ -386,9 +390,9 @@ class Trajectory:
                     continue
                 dtype, size = ST_DTYPES[t.code]
                 off, n = state.data_start + t.begin, t.end - t.begin
-                if n and off % size == 0 and _MAP_BY_FD:
-                    if mapped is None:
-                        mapped = _map_private(fd, state.ident[2], path, what)
+                if n and off % size == 0 and _MAP_BY_FD and mapped is None:
+                    mapped = _map_private(fd, state.ident[2])
+                if n and off % size == 0 and mapped is not None:
                     x = mapped[off:off + n]
                 else:
                     x = torch.empty(n, dtype=torch.uint8)
