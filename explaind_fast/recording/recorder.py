@@ -59,11 +59,11 @@ stored update loadable. One recorder per directory: a recorder holds the directo
 writer lock (``writer.lock``, an flock) from construction until ``close()`` (or until a failure
 stops it); a second recorder on the same directory, in any process, raises
 ``TrajectoryLockedError`` at construction. The lock of a killed process is released by the kernel,
-so resuming after a crash needs no clean-up. Opening a directory that already holds a trajectory raises unless
-``resume=True``; resuming continues only if the model and optimizer match the manifest and the
-model's θ (and, Adam-type, the optimizer's step count and v) equal the last stored ones, i.e. after
-restoring the checkpoint that corresponds to the last stored update. ``resume=True`` on an empty or
-missing directory starts a new trajectory.
+so resuming after a crash needs no clean-up. Opening a directory that already holds a trajectory
+raises unless ``resume=True``; resuming continues only if the model and optimizer match the
+manifest and the model's θ (and, Adam-type, the optimizer's step count and v) equal the last stored
+ones, i.e. after restoring the checkpoint that corresponds to the last stored update.
+``resume=True`` on an empty or missing directory starts a new trajectory.
 
 Peak extra memory while recording, in elements of the storage dtype: the previous θ (kept to detect
 changes between steps) and, while a step is written, θ_{s+1}, v (and m) and their serialised

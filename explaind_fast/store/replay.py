@@ -105,12 +105,13 @@ def _check_scalars(s: int, r) -> None:
 def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
     """Replay every stored update from the stored state; per-step errors in a VerifyReport.
 
-    Checks all checksums, and the model's parameter names, shapes and order when ``model`` is
-    given (ValueError naming the parameter on mismatch); that every stored θ and first moment is
-    finite, every stored second moment finite and >= 0, every learning rate, weight decay and
-    clip factor finite and >= 0, and the step counters 1, 2, 3, ... (ValueError naming the stored
-    step, the field and the first bad coordinate or param group). Then, in float64, with the recursions
-    of :mod:`explaind_fast.optim.recursion` (E_s the data part of the first moment, R_s the decay part):
+    Checks all checksums, and the model's parameter names, shapes and order when ``model`` is given
+    (ValueError naming the parameter on mismatch); that every stored θ and first moment is finite,
+    every stored second moment finite and >= 0, every learning rate, weight decay and clip factor
+    finite and >= 0, and the step counters 1, 2, 3, ... (ValueError naming the stored step, the
+    field and the first bad coordinate or param group). Then, in float64, with the recursions of
+    :mod:`explaind_fast.optim.recursion` (E_s the data part of the first moment, R_s the decay
+    part):
 
     * mode "stored-m" (first moment stored, k = 1): E_s from the stored moment, the
       gradient G_s = (E_s − decay·E_{s−1})/gain, v'_{s+1} = β2 v_s + (1−β2) u_s² with
