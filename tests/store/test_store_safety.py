@@ -104,7 +104,9 @@ DEVICE_SCRIPT = r"""
 import os, resource, sys
 from explaind_fast.store import Trajectory, CorruptTrajectoryError
 vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
-resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+limit = vm + (1 << 30) if hard == resource.RLIM_INFINITY else min(vm + (1 << 30), hard)
+resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 for d in sys.argv[1:]:
     try:
         t = Trajectory.load(d)
