@@ -55,11 +55,15 @@ aggregate, and the paper's geometric β1-rescaling is an approximation), and any
 time resolution than k steps.
 
 Crash safety and resuming: see :mod:`explaind_fast.store`. A killed run leaves every completed
-stored update loadable. Opening a directory that already holds a trajectory raises unless
-``resume=True``; resuming continues only if the model and optimizer match the manifest and the
-model's θ (and, Adam-type, the optimizer's step count and v) equal the last stored ones, i.e. after
-restoring the checkpoint that corresponds to the last stored update. ``resume=True`` on an empty or
-missing directory starts a new trajectory.
+stored update loadable. One recorder per directory: a recorder holds the directory's exclusive
+writer lock (``writer.lock``, an flock) from construction until ``close()`` (or until a failure
+stops it); a second recorder on the same directory, in any process, raises
+``TrajectoryLockedError`` at construction. The lock of a killed process is released by the kernel,
+so resuming after a crash needs no clean-up. Opening a directory that already holds a trajectory
+raises unless ``resume=True``; resuming continues only if the model and optimizer match the
+manifest and the model's θ (and, Adam-type, the optimizer's step count and v) equal the last stored
+ones, i.e. after restoring the checkpoint that corresponds to the last stored update.
+``resume=True`` on an empty or missing directory starts a new trajectory.
 
 Peak extra memory while recording, in elements of the storage dtype: the previous θ (kept to detect
 changes between steps) and, while a step is written, θ_{s+1}, v (and m) and their serialised
@@ -67,7 +71,6 @@ bytes: about 5·D (7·D with m); with write_behind add 2·D (3·D) per queued st
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -75,8 +78,8 @@ import torch
 
 from ..model import ParamLayout
 from ..optim import RULES, check_group_settings, constant_hyper, optimizer_kind
-from ..store import (FORMAT_NAME, FORMAT_VERSION, INIT_FILE, MANIFEST, BackgroundWriter, Trajectory,
-                     TrajectoryWriter, read_log)
+from ..store import (FORMAT_NAME, FORMAT_VERSION, INIT_FILE, LOCK_FILE, MANIFEST, BackgroundWriter,
+                     Trajectory, TrajectoryWriter, read_log)
 
 class TrajectoryRecorder:
     """Records an optimizer's run into a trajectory directory via step pre/post hooks.
@@ -145,32 +148,44 @@ class TrajectoryRecorder:
         self._failed: Optional[str] = None
         self._closed = False
 
-        if os.path.exists(os.path.join(self.directory, MANIFEST)):
-            if not resume:
-                raise FileExistsError(
-                    f"'{self.directory}' already holds a trajectory; pass resume=True to continue "
-                    "it (after restoring the matching model/optimizer checkpoint) or choose a new "
-                    "directory. It is never overwritten.")
-            self._resume()
-        else:
-            # what a run killed while creating the trajectory leaves may be overwritten
-            debris = {INIT_FILE, INIT_FILE + ".tmp", MANIFEST + ".tmp"}
-            if os.path.isdir(self.directory) and set(os.listdir(self.directory)) - debris:
-                raise FileExistsError(f"'{self.directory}' is not empty and holds no trajectory; "
-                                      "refusing to write into it")
-            self._check_fresh_optimizer()
-            self._last_theta = self._flat_theta()
-            self._writer.create(self._manifest(), self._last_theta)
-            self._num_stored, self._next_raw, self._sgd_count = 0, 0, 0
-        if self.write_behind:   # after create/resume, which write synchronously
-            self._background = BackgroundWriter(self._writer)
-        self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
-                         optimizer.register_step_post_hook(self._post_hook)]
-        self.check_gradients = bool(check_gradients)
-        self._grad_norms: Dict[int, torch.Tensor] = {}   # norm of each grad as backward left it
-        if self.check_gradients:
-            self._handles += [p.register_post_accumulate_grad_hook(self._grad_hook(i))
-                              for i, p in enumerate(self._params)]
+        self._handles = []
+        # The exclusive writer lock, held until close() (or a failure): taken before looking at
+        # the directory, so that two recorders can never both create or resume it. A second
+        # recorder gets TrajectoryLockedError here.
+        self._writer.open()
+        try:
+            if self._writer.exists(MANIFEST):
+                if not resume:
+                    raise FileExistsError(
+                        f"'{self.directory}' already holds a trajectory; pass resume=True to "
+                        "continue it (after restoring the matching model/optimizer checkpoint) or "
+                        "choose a new directory. It is never overwritten.")
+                self._resume()
+            else:
+                # what a run killed while creating the trajectory leaves may be overwritten
+                debris = {INIT_FILE, INIT_FILE + ".tmp", MANIFEST + ".tmp", LOCK_FILE}
+                if set(self._writer.listdir()) - debris:
+                    raise FileExistsError(f"'{self.directory}' is not empty and holds no "
+                                          "trajectory; refusing to write into it")
+                self._check_fresh_optimizer()
+                self._last_theta = self._flat_theta()
+                self._writer.create(self._manifest(), self._last_theta)
+                self._num_stored, self._next_raw, self._sgd_count = 0, 0, 0
+            if self.write_behind:   # after create/resume, which write synchronously
+                self._background = BackgroundWriter(self._writer)
+            self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
+                             optimizer.register_step_post_hook(self._post_hook)]
+            self.check_gradients = bool(check_gradients)
+            self._grad_norms: Dict[int, torch.Tensor] = {}   # norm of each grad after backward
+            if self.check_gradients:
+                self._handles += [p.register_post_accumulate_grad_hook(self._grad_hook(i))
+                                  for i, p in enumerate(self._params)]
+        except BaseException:
+            for h in self._handles:
+                h.remove()
+            self._closed = True
+            self._stop_writing(remove_if_unused=True)
+            raise
 
     # ------------------------------------------------------------------ user API
     @property
@@ -247,8 +262,23 @@ class TrajectoryRecorder:
             for h in self._handles:
                 h.remove()
             self._closed = True
+            try:
+                if self._background is not None:
+                    self._background.close()   # waits for the queued steps; re-raises a failure
+            finally:
+                self._writer.close()           # releases the writer lock
+
+    def _stop_writing(self, remove_if_unused: bool = False) -> None:
+        """After a failure nothing more is written: let queued writes finish (a background error
+        is re-raised later by flush()/close()), then release the writer lock, so that the
+        directory can be resumed (also from this process)."""
+        try:
             if self._background is not None:
-                self._background.close()   # waits for the queued steps; re-raises a failure
+                self._background.close()
+        except BaseException:
+            pass
+        finally:
+            self._writer.close(remove_if_unused=remove_if_unused)
 
     def flush(self) -> None:
         """With write_behind: wait until every recorded step is on disk (no-op otherwise)."""
@@ -270,6 +300,7 @@ class TrajectoryRecorder:
                                f"steps: {self._failed}")
         if self._background is not None and self._background.error is not None:
             self._failed = f"a background write failed: {self._background.error!r}"
+            self._stop_writing()
             self._background.raise_if_failed()
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
         if closure is not None:
@@ -295,6 +326,7 @@ class TrajectoryRecorder:
             self._record_step()
         except Exception as e:
             self._failed = f"{type(e).__name__}: {e}"
+            self._stop_writing()
             raise
 
     def _record_step(self):

@@ -38,12 +38,48 @@ tensor file whose sha256 differs from its log line, is corruption and raises
 :class:`CorruptTrajectoryError` naming the file and the step. Checksums are verified lazily on the
 first access of each file, or all at once by :meth:`Trajectory.check`.
 
-The writer is :mod:`.writer`, the reader :mod:`.reader`, the replay check :mod:`.replay`.
+Safety (threat model). The *path* of the directory is the caller's; everything *inside* it is
+untrusted: a trajectory may come from elsewhere, and anyone who can write the directory may plant
+entries in it, also while a recorder runs. Whatever is in it, the library never reads, writes or
+blocks outside it, never returns a number the files do not checksum to (with the default
+``check_on_access=True``), and refuses with :class:`CorruptTrajectoryError` (naming the file, the
+log line and the field) instead of an AttributeError / KeyError / wrong number:
+
+* one writer at a time: a recorder holds an exclusive ``flock`` on ``writer.lock`` (opened without
+  following links) for its lifetime; a second one refuses at open (:class:`TrajectoryLockedError`
+  in :mod:`.writer`); the kernel drops the lock of a killed process, so no stale-lock guessing;
+* writes never follow links: every file is opened relative to a descriptor of the directory with
+  ``O_NOFOLLOW``; ``.tmp`` files are unlinked (never followed) and created with ``O_EXCL``, renamed
+  in the directory; the log is appended to / truncated only if it is a regular file with one link;
+* reads: only the canonical names below (a name from the manifest or the log is compared with the
+  name it must have, never used as a path); each is ``lstat``-ed and must be a regular file (no
+  symlink, FIFO, device, directory), opened with ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat``-ed again;
+  sizes are bounded (the manifest, each log line and each safetensors header by the limits below;
+  each tensor file must have exactly the byte count its log line / the manifest records);
+* every field of the manifest and of every log line is validated by type and range once at load
+  (unknown extra keys are tolerated, for optional fields added later); every tensor's dtype and
+  shape is checked against the manifest (θ and the moments [D] in the storage dtype; batch
+  indices integer, weights float64, one per index); in files whose checksum was verified, batch
+  indices must lie in [0, dataset_size) and weights be finite.
+
+Not covered: rewriting a tensor file *in place* (which needs write permission on the file itself;
+the writer never does it). A file is hashed once per identity (inode, size, mtime, ctime; a
+replaced or rewritten file is hashed again on its next access) and its tensors are mapped
+copy-on-write from that open file, so bytes rewritten in place after the check can show through,
+and a file truncated while mapped raises SIGBUS, as with any memory map. Nor the path to the
+directory (the caller's). With ``check_on_access=False`` the bytes of a file are trusted until
+:meth:`Trajectory.check` (its structure is still checked). The checksums are integrity checks
+against damage, not signatures: whoever can write the directory can write a consistent, different
+trajectory (``verify`` replays it). POSIX only (``dir_fd``, ``O_NOFOLLOW``, ``flock``).
+
+The writer is :mod:`.writer`, the reader :mod:`.reader`, the replay check :mod:`.replay`, the
+field and header validation :mod:`.schema`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from typing import Dict, Optional
 
@@ -55,14 +91,44 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOG = "steps.jsonl"
 INIT_FILE = "theta_0.safetensors"
+LOCK_FILE = "writer.lock"   # held (flock) by the one recorder writing the directory
+TMP_SUFFIX = ".tmp"
+
+# Bounds on what the reader parses (a legitimate trajectory stays far below each).
+MAX_MANIFEST_BYTES = 64 << 20      # manifest.json
+MAX_LOG_LINE_BYTES = 64 << 20      # one line of steps.jsonl
+MAX_HEADER_BYTES = 16 << 20        # the JSON header of one safetensors file
+MAX_PARAMETERS = 1 << 40           # D
 
 
 class CorruptTrajectoryError(ValueError):
-    """A trajectory file or log line does not match its checksum, or is missing."""
+    """A trajectory directory that cannot be read safely: a file or log line that does not match
+    its checksum, is missing, malformed, of the wrong type, size, dtype or shape, or not a regular
+    file. The message names the file, and for the log the line and the field."""
 
 
 def step_file_name(s: int) -> str:
     return f"step_{s:08d}.safetensors"
+
+
+_STEP_NAME = re.compile(r"step_([0-9]{8,})\.safetensors")
+
+
+def parse_step_file_name(name: str) -> Optional[int]:
+    """s if ``name`` is exactly ``step_file_name(s)``, else None."""
+    m = _STEP_NAME.fullmatch(name)
+    if m is None:
+        return None
+    s = int(m.group(1))
+    return s if step_file_name(s) == name else None
+
+
+def own_tmp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file the writer creates (``<canonical name>.tmp``)."""
+    if not name.endswith(TMP_SUFFIX):
+        return False
+    base = name[:-len(TMP_SUFFIX)]
+    return base in (INIT_FILE, MANIFEST) or parse_step_file_name(base) is not None
 
 
 def tensor_file_bytes(tensors: Dict[str, torch.Tensor], step: Optional[int]) -> bytes:

@@ -1,24 +1,44 @@
-"""Reading a trajectory directory: lazy, memory-mapped, checksummed (format: :mod:`.format`).
+"""Reading a trajectory directory: lazy, checksummed, validated (format and threat model:
+:mod:`.format`; field checks: :mod:`.schema`).
 
     Trajectory.load(directory) -> Trajectory   (read API below; verify() replays, see :mod:`.replay`)
     read_log(directory) -> (complete log entries, byte length of the valid prefix)
+
+Everything is read through a descriptor of the directory, by canonical name only, from regular
+files only (no symlink, FIFO or device is ever opened; :mod:`._fs`). The manifest and the log are
+parsed and validated once, at load; a tensor file costs a few syscalls per access (lstat, open,
+fstat, the reads) plus, on its first access (or when it changed), its header check and sha256.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
 
 from ..model import ParamLayout
 from ..optim import OptimizerRule, StepRecord, make_rule
-from .format import FORMAT_NAME, FORMAT_VERSION, LOG, MANIFEST, CorruptTrajectoryError, \
-    manifest_checksum
+from . import _fs
+from .format import FORMAT_NAME, FORMAT_VERSION, INIT_FILE, LOG, MANIFEST, MAX_HEADER_BYTES, \
+    MAX_LOG_LINE_BYTES, MAX_MANIFEST_BYTES, CorruptTrajectoryError
 from .replay import VerifyReport, verify
+from .schema import ST_CODE, ST_DTYPES, TensorInfo, Where, parse_header, parse_json, \
+    validate_entry, validate_entry_context, validate_manifest
+
+_RESERVED = ("theta", "exp_avg_sq", "exp_avg")   # names with a meaning; "batch_*" too
+
+
+def _refused(path: str, what: str, e: _fs.UnsafeEntry) -> CorruptTrajectoryError:
+    return CorruptTrajectoryError(f"{path} ({what}) is {e.reason}: the store reads only regular "
+                                  "files inside the trajectory directory, never through a link")
+
+
+def _open_dir(directory) -> int:
+    try:
+        return _fs.open_dir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"no trajectory directory '{directory}'") from None
 
 
 def read_log(directory: str) -> Tuple[List[dict], int]:
@@ -26,41 +46,88 @@ def read_log(directory: str) -> Tuple[List[dict], int]:
 
     A last line without its newline, or failing its crc, is a write cut short by a crash (or a
     power loss) and is ignored. Any earlier line that fails its crc, does not parse or has the
-    wrong step number is corruption: CorruptTrajectoryError.
+    wrong step number is corruption: CorruptTrajectoryError. So is a line whose crc matches but
+    whose fields are malformed (naming the line and the field), a line longer than
+    MAX_LOG_LINE_BYTES, and a log that is not a regular file.
     """
+    dir_fd = _open_dir(directory)
+    try:
+        return _read_log_at(dir_fd, directory)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_log_at(dir_fd: int, directory) -> Tuple[List[dict], int]:
     path = os.path.join(directory, LOG)
-    if not os.path.exists(path):
+    try:
+        fd, st = _fs.open_regular(dir_fd, LOG)
+    except FileNotFoundError:
         return [], 0
-    with open(path, "rb") as f:
-        raw = f.read()
-    entries, pos = [], 0
-    while True:
-        nl = raw.find(b"\n", pos)
-        if nl < 0:
-            break  # no newline: an incomplete final write (or nothing left)
-        line = raw[pos:nl].decode("utf-8", errors="replace")
-        text, sep, crc = line.rpartition("\t")
-        ok = bool(sep) and crc == f"{zlib.crc32(text.encode()):08x}"
-        entry = None
-        if ok:
+    except _fs.UnsafeEntry as e:
+        raise _refused(path, "the log", e) from None
+    size = st.st_size   # read no further, even if a writer appends meanwhile
+    entries: List[dict] = []
+    pos, next_raw = 0, 0
+    with os.fdopen(fd, "rb") as f:
+        while pos < size:
+            line = f.readline(min(MAX_LOG_LINE_BYTES + 1, size - pos))
+            if not line.endswith(b"\n"):
+                if len(line) > MAX_LOG_LINE_BYTES:
+                    raise CorruptTrajectoryError(
+                        f"{path}: log line {len(entries) + 1} (stored step {len(entries)}) is "
+                        f"longer than {MAX_LOG_LINE_BYTES} bytes")
+                break   # no newline: an incomplete final write (or the file shrank)
+            end = pos + len(line)
+            entry, ok = None, False
             try:
-                entry = json.loads(text)
-            except ValueError:
+                text, sep, crc = line[:-1].decode("utf-8").rpartition("\t")
+                ok = bool(sep) and crc == f"{zlib.crc32(text.encode()):08x}"
+                if ok:
+                    entry = parse_json(text.encode(), Where(path))
+            except (UnicodeDecodeError, CorruptTrajectoryError):
                 ok = False
-        if not ok and nl == len(raw) - 1:
-            break  # a damaged *last* line is what a power loss mid-append can leave: incomplete
-        if not ok or entry.get("step") != len(entries):
-            raise CorruptTrajectoryError(
-                f"{path}: log line {len(entries) + 1} (stored step {len(entries)}) is corrupted "
-                "(checksum mismatch or wrong step number); the trajectory is damaged beyond the "
-                "last step a crash can leave incomplete")
-        entries.append(entry)
-        pos = nl + 1
+            if not ok and end >= size:
+                break   # a damaged *last* line is what a power loss mid-append can leave
+            s = len(entries)
+            if not ok or not isinstance(entry, dict) or type(entry.get("step")) is not int \
+                    or entry["step"] != s:
+                raise CorruptTrajectoryError(
+                    f"{path}: log line {s + 1} (stored step {s}) is corrupted (checksum mismatch "
+                    "or wrong step number); the trajectory is damaged beyond the last step a "
+                    "crash can leave incomplete")
+            next_raw = validate_entry(entry, Where(path, line=s + 1), s, next_raw)
+            entries.append(entry)
+            pos = end
     return entries, pos
 
 
+# Map a file copy-on-write from its *open descriptor* (/proc/self/fd/N names exactly the inode
+# opened and checked, never a path in the directory): tensors then share the page cache, like
+# safetensors' safe_open did, instead of being copied. Without /proc: pread into fresh memory.
+_MAP_BY_FD = os.path.isdir("/proc/self/fd")
+
+
+def _map_private(fd: int, nbytes: int) -> Optional[torch.Tensor]:
+    """The whole file as a uint8 [nbytes] tensor on a private (copy-on-write) mapping; None if it
+    cannot be mapped (then the caller reads with pread, which reports a file that shrank)."""
+    try:
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", False, nbytes)
+    except RuntimeError:
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+class _FileState:
+    """What one access learnt about a tensor file, valid while its identity is unchanged."""
+
+    __slots__ = ("ident", "tensors", "data_start", "hashed")
+
+    def __init__(self, ident, tensors, data_start, hashed):
+        self.ident, self.tensors, self.data_start, self.hashed = ident, tensors, data_start, hashed
+
+
 class Trajectory:
-    """A recorded training run, read lazily (memory-mapped safetensors, checksums on first access).
+    """A recorded training run, read lazily (checksums on first access, validated throughout).
 
     Read API (the contract with the attribution engine)::
 
@@ -76,12 +143,20 @@ class Trajectory:
     update spans several raw steps: ``step(s)`` carries lr / weight decay / step count of its last
     raw step, v and the first moment after it, and no batch (see ``raw_steps(s)``).
     Memory: reading a step materialises only the tensors asked for (each [D] or [B]).
+    Every error about the files is a CorruptTrajectoryError naming the file (and log line/field).
+    The object holds a descriptor of the directory until ``close()`` (or garbage collection).
     """
 
     def __init__(self, directory: str, manifest: dict, entries: List[dict], log_bytes: int,
-                 check_on_access: bool = True):
+                 check_on_access: bool = True, *, dir_fd: Optional[int] = None,
+                 _manifest_checked: bool = False):
+        """``entries`` as :func:`read_log` returns them; prefer :meth:`load`. Takes ownership of
+        ``dir_fd`` (a descriptor of ``directory``) when given."""
+        self._dir_fd: Optional[int] = None
         self.directory = directory
         self.check_on_access = check_on_access
+        if not _manifest_checked:
+            validate_manifest(manifest, os.path.join(directory, MANIFEST))
         self.manifest = manifest
         self._entries = entries
         self._log_bytes = log_bytes
@@ -92,7 +167,13 @@ class Trajectory:
         self.checkpoint_every: int = int(manifest["checkpoint_every"])
         self.dataset_size: Optional[int] = manifest.get("dataset_size")
         self.dtype: torch.dtype = getattr(torch, manifest["dtype"])
-        self._checked: set = set()
+        self._store_first_moment = bool(manifest.get("store_first_moment", False))
+        log = os.path.join(directory, LOG)
+        for s, e in enumerate(entries):
+            validate_entry_context(e, Where(log, line=s + 1), len(self.hyper),
+                                   self.checkpoint_every)
+        self._files: Dict[Optional[int], _FileState] = {}
+        self._dir_fd = dir_fd if dir_fd is not None else _open_dir(directory)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -100,29 +181,64 @@ class Trajectory:
         """Open a trajectory directory; every complete step is available (see module docstring).
 
         ``check_on_access``: verify each file's sha256 the first time it is read (reads the whole
-        file once). Pass False to read only the tensors asked for from very large files;
-        :meth:`check` and :meth:`verify` still check everything."""
-        path = os.path.join(directory, MANIFEST)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"no trajectory directory '{directory}'")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"'{directory}' holds no trajectory: {MANIFEST} is missing "
-                                    "(recording never started, or this is another directory)")
+        file once). Pass False to read only the tensors asked for from very large files: sizes,
+        headers, dtypes and shapes are still checked, the bytes (and the values of batch indices
+        and weights) are trusted until :meth:`check` or :meth:`verify`, which check everything."""
+        dir_fd = _open_dir(directory)
         try:
-            with open(path, "rb") as f:
-                manifest = json.loads(f.read().decode())
-        except ValueError as e:
-            raise CorruptTrajectoryError(f"{path}: manifest is not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path}: not an explaind_fast trajectory manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: trajectory format version {manifest.get('format_version')} "
-                             f"is not supported by this version (reads {FORMAT_VERSION})")
-        if manifest.get("sha256") != manifest_checksum(manifest):
-            raise CorruptTrajectoryError(f"{path}: the manifest does not match its checksum "
-                                         "(edited or corrupted)")
-        entries, log_bytes = read_log(directory)
-        return cls(directory, manifest, entries, log_bytes, check_on_access)
+            path = os.path.join(directory, MANIFEST)
+            try:
+                fd, st = _fs.open_regular(dir_fd, MANIFEST)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"'{directory}' holds no trajectory: {MANIFEST} is missing (recording never "
+                    "started, or this is another directory)") from None
+            except _fs.UnsafeEntry as e:
+                raise _refused(path, "the manifest", e) from None
+            try:
+                if st.st_size > MAX_MANIFEST_BYTES:
+                    raise CorruptTrajectoryError(f"{path}: {st.st_size} bytes, more than a "
+                                                 f"manifest may have ({MAX_MANIFEST_BYTES})")
+                raw = _fs.pread_exact(fd, st.st_size, 0)
+            except EOFError as e:
+                raise CorruptTrajectoryError(f"{path}: {e}") from None
+            finally:
+                os.close(fd)
+            manifest = parse_json(raw, Where(path))
+            validate_manifest(manifest, path)
+            entries, log_bytes = _read_log_at(dir_fd, directory)
+            return cls(directory, manifest, entries, log_bytes, check_on_access, dir_fd=dir_fd,
+                       _manifest_checked=True)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+
+    def close(self) -> None:
+        """Release the directory descriptor (reads afterwards raise ValueError)."""
+        fd, self._dir_fd = getattr(self, "_dir_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "Trajectory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_dir_fd"], state["_files"] = None, {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._dir_fd = _open_dir(self.directory)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -141,45 +257,175 @@ class Trajectory:
                 f"num_steps={self.num_steps}, checkpoint_every={self.checkpoint_every})")
 
     # ------------------------------------------------------------------ files and checksums
-    def _file_info(self, s: Optional[int]) -> Tuple[str, str, str]:
-        """(path, sha256, description) of θ_0's file (s=None) or stored update s's file."""
+    def _expected(self, s: Optional[int]) -> Tuple[str, str, int, str, str]:
+        """(name, sha256, bytes, metadata step tag, description) of θ_0's file (s=None) or of
+        stored update s's file: the names are canonical (checked at load)."""
         if s is None:
             info = self.manifest["init"]
-            return os.path.join(self.directory, info["file"]), info["sha256"], "θ_0"
+            return INIT_FILE, info["sha256"], info["bytes"], "init", "θ_0"
         e = self._entries[s]
-        return os.path.join(self.directory, e["file"]), e["sha256"], f"stored step {s}"
+        return e["file"], e["sha256"], e["bytes"], str(s), f"stored step {s}"
 
-    def _check_file(self, s: Optional[int], force: bool = False) -> str:
-        path, sha, what = self._file_info(s)
-        if path in self._checked or not (force or self.check_on_access):
-            if not os.path.exists(path):
-                raise CorruptTrajectoryError(f"{path} ({what}) is missing")
-            return path
-        if not os.path.exists(path):
-            raise CorruptTrajectoryError(f"{path} ({what}) is missing")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        if h.hexdigest() != sha:
+    def _open(self, s: Optional[int], force_hash: bool = False) -> Tuple[int, _FileState, str, str]:
+        """Open the tensor file of s (a regular file of exactly the recorded size), check its
+        sha256 (first access, or when it changed since) and its header; returns (fd, state, path,
+        description). The caller closes fd."""
+        if self._dir_fd is None:
+            raise ValueError(f"{self!r} is closed")
+        name, sha, nbytes, tag, what = self._expected(s)
+        path = os.path.join(self.directory, name)
+        try:
+            fd, st = _fs.open_regular(self._dir_fd, name)
+        except FileNotFoundError:
+            raise CorruptTrajectoryError(f"{path} ({what}) is missing") from None
+        except _fs.UnsafeEntry as e:
+            raise _refused(path, what, e) from None
+        try:
+            ident = _fs.identity(st)
+            state = self._files.get(s)
+            if state is None or state.ident != ident:
+                if st.st_size != nbytes:
+                    raise CorruptTrajectoryError(
+                        f"{path} ({what}) is corrupted or truncated: {st.st_size} bytes, the "
+                        f"{'manifest' if s is None else 'log'} records {nbytes}")
+                hashed = self.check_on_access or force_hash
+                if hashed:
+                    self._check_sha(fd, nbytes, sha, path, what)
+                tensors, data_start = self._header(fd, nbytes, s, tag, path, what)
+                state = _FileState(ident, tensors, data_start, hashed)
+                self._files[s] = state
+            elif force_hash and not state.hashed:
+                self._check_sha(fd, nbytes, sha, path, what)
+                state.hashed = True
+            return fd, state, path, what
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def _check_sha(fd: int, nbytes: int, sha: str, path: str, what: str) -> None:
+        try:
+            got = _fs.sha256_of(fd, nbytes)
+        except EOFError as e:
+            raise CorruptTrajectoryError(f"{path} ({what}) is corrupted or truncated: {e}") \
+                from None
+        if got != sha:
             raise CorruptTrajectoryError(
-                f"{path} ({what}) is corrupted or truncated: sha256 {h.hexdigest()[:16]}… does "
+                f"{path} ({what}) is corrupted or truncated: sha256 {got[:16]}… does "
                 f"not match the recorded {sha[:16]}…")
-        self._checked.add(path)
-        return path
+
+    def _header(self, fd: int, nbytes: int, s: Optional[int], tag: str, path: str,
+                what: str) -> Tuple[Dict[str, TensorInfo], int]:
+        """Parse and check the safetensors header: bounded, tiling the file, the expected
+        metadata, and every tensor the reader knows with the manifest's dtype and shape."""
+        w = Where(f"{path} ({what}) safetensors header")
+        try:
+            hl = int.from_bytes(_fs.pread_exact(fd, 8, 0), "little")
+            if hl > min(MAX_HEADER_BYTES, nbytes - 8):
+                w.fail(f"header length {hl} exceeds the file ({nbytes} bytes) or the bound "
+                       f"({MAX_HEADER_BYTES})")
+            raw = _fs.pread_exact(fd, hl, 8)
+        except EOFError as e:
+            raise CorruptTrajectoryError(f"{path} ({what}) is corrupted or truncated: {e}") \
+                from None
+        tensors, meta = parse_header(raw, nbytes - 8 - hl, w)
+        for key, want in (("format", FORMAT_NAME), ("format_version", str(FORMAT_VERSION)),
+                          ("step", tag)):
+            if meta.get(key) != want:
+                w.at("__metadata__", key).fail(f"expected {want!r}, got {meta.get(key)!r} (a file "
+                                               f"of another trajectory or step?)")
+        D, code = self.layout.D, ST_CODE[str(self.dtype).replace("torch.", "")]
+        expected: Dict[str, Tuple[Tuple[str, ...], Tuple[int, ...]]] = {"theta": ((code,), (D,))}
+        required = {"theta"}
+        if s is not None:
+            raw_steps = self._entries[s]["raw"]
+            expected["exp_avg"] = ((code,), (D,))
+            if self.rule.has_second_moment:
+                expected["exp_avg_sq"] = ((code,), (D,))
+                required.add("exp_avg_sq")
+            if (self.checkpoint_every > 1 or self._store_first_moment
+                    or any(lr == 0.0 for r in raw_steps for lr in r["lr"])):
+                required.add("exp_avg")   # the recorder stores it then, and the replay needs it
+            for j, r in enumerate(raw_steps):
+                B = r["batch_size"]
+                expected[f"batch_indices.{j}"] = (("I32", "I64"), (B,))
+                required.add(f"batch_indices.{j}")
+                if r.get("uniform_weight") is None:
+                    expected[f"batch_weights.{j}"] = (("F64",), (B,))
+                    required.add(f"batch_weights.{j}")
+        for name in sorted(required - set(tensors)):
+            w.at(name).fail("missing")
+        for name, t in tensors.items():
+            if name in expected:
+                codes, shape = expected[name]
+                if t.code not in codes or t.shape != shape:
+                    w.at(name).fail(f"expected {' or '.join(codes)} of shape {list(shape)}, got "
+                                    f"{t.code} of shape {list(t.shape)}")
+            elif name in _RESERVED or name.startswith("batch_"):
+                w.at(name).fail("not expected in this file (checkpoint_every, the optimizer or the "
+                                "log line says otherwise)")
+            # any other name: a field of a later version of the format, never read
+        return tensors, 8 + hl
+
+    def _check_file(self, s: Optional[int], force: bool = False) -> None:
+        fd, _, _, _ = self._open(s, force_hash=force)
+        os.close(fd)
 
     def check(self) -> None:
-        """Verify the checksum of every file now; raises CorruptTrajectoryError naming the first
-        bad file and its step."""
+        """Verify the checksum, header and batch values of every file now; raises
+        CorruptTrajectoryError naming the first bad file and its step."""
         self._check_file(None, force=True)
         for s in range(self.num_steps):
             self._check_file(s, force=True)
+            self._read(s, [f"batch_{kind}.{j}" for j in range(len(self._entries[s]["raw"]))
+                           for kind in ("indices", "weights")])
 
     def _read(self, s: Optional[int], keys: Sequence[str]) -> Dict[str, torch.Tensor]:
-        path = self._check_file(s)
-        with safe_open(path, framework="pt") as f:
-            have = set(f.keys())
-            return {k: f.get_tensor(k) for k in keys if k in have}
+        fd, state, path, what = self._open(s)
+        try:
+            out, mapped = {}, None
+            for k in keys:
+                t = state.tensors.get(k)
+                if t is None:
+                    continue
+                dtype, size = ST_DTYPES[t.code]
+                off, n = state.data_start + t.begin, t.end - t.begin
+                if n and off % size == 0 and _MAP_BY_FD and mapped is None:
+                    mapped = _map_private(fd, state.ident[2])
+                if n and off % size == 0 and mapped is not None:
+                    x = mapped[off:off + n]
+                else:
+                    x = torch.empty(n, dtype=torch.uint8)
+                    if n:
+                        try:
+                            _fs.pread_into(fd, memoryview(x.numpy()), off)
+                        except EOFError as e:
+                            raise CorruptTrajectoryError(f"{path} ({what}) is corrupted or "
+                                                         f"truncated: {e}") from None
+                out[k] = x.view(dtype).reshape(t.shape)
+            for k, x in out.items():
+                if k.startswith("batch_indices."):
+                    out[k] = x = x.to(torch.int64)
+                if state.hashed:   # see _check_values
+                    self._check_values(k, x, path, what)
+            return out
+        finally:
+            os.close(fd)
+
+    def _check_values(self, k: str, x: torch.Tensor, path: str, what: str) -> None:
+        """Batch indices in [0, dataset_size), weights finite. Applied to files whose sha256 was
+        verified (check_on_access=True, or after check()): with check_on_access=False the reader
+        trusts the bytes it does not hash, as it does for θ, and check()/verify() catch them."""
+        if k.startswith("batch_indices."):
+            lo, hi = int(x.min()), int(x.max())
+            N = self.dataset_size
+            if lo < 0 or (N is not None and hi >= N):
+                bad = lo if lo < 0 else hi
+                raise CorruptTrajectoryError(
+                    f"{path} ({what}): tensor '{k}': index {bad} is outside the dataset "
+                    f"[0, {N if N is not None else '∞'})")
+        elif k.startswith("batch_weights.") and not bool(torch.isfinite(x).all()):
+            raise CorruptTrajectoryError(f"{path} ({what}): tensor '{k}' has non-finite weights")
 
     def _check_index(self, s: int, upper: int, what: str) -> int:
         if not isinstance(s, int) or isinstance(s, bool):
@@ -212,7 +458,7 @@ class Trajectory:
 
     @staticmethod
     def _batch(t: Dict[str, torch.Tensor], r: dict, j: int) -> Dict[str, torch.Tensor]:
-        idx = t[f"batch_indices.{j}"].to(torch.int64)
+        idx = t[f"batch_indices.{j}"]
         if r.get("uniform_weight") is not None:
             w = torch.full((idx.numel(),), float(r["uniform_weight"]), dtype=torch.float64)
         else:

@@ -4,6 +4,7 @@ Uses only the store's read API and the optimizer recursions (:mod:`explaind_fast
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -12,6 +13,13 @@ from typing import List, Optional
 import torch
 
 from ..optim import RegRecursion, gradient_from_moments, moment_from_update
+
+
+def _max(vals: List[float]) -> float:
+    """max that propagates NaN (a NaN error is a failed check, never dropped); NaN if empty."""
+    if not vals or any(math.isnan(v) for v in vals):
+        return float("nan")
+    return max(vals)
 
 
 @dataclass
@@ -25,6 +33,11 @@ class VerifyReport:
             moment against its replay from the gradient implied by the stored data); NaN otherwise.
         step_size: max_i |θ_{s+1} − θ_s|, to judge theta_error against.
         notes: anything that limits the check.
+        second_moment: whether the optimizer keeps a second moment (moment_error is NaN if not).
+
+    ``max_theta_error`` / ``max_moment_error`` are over the replayed updates (mode other than
+    "not-replayable"; Adam-type for the moment) and are NaN when any of those is NaN (or when
+    there are none): a NaN is never dropped from a maximum.
     """
 
     mode: List[str] = field(default_factory=list)
@@ -32,16 +45,20 @@ class VerifyReport:
     moment_error: List[float] = field(default_factory=list)
     step_size: List[float] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    second_moment: bool = True
+
+    def _replayed(self, errors: List[float]) -> List[float]:
+        if len(self.mode) != len(errors):   # filled by hand: every entry counts
+            return list(errors)
+        return [e for e, m in zip(errors, self.mode) if m != "not-replayable"]
 
     @property
     def max_theta_error(self) -> float:
-        vals = [e for e in self.theta_error if not math.isnan(e)]
-        return max(vals) if vals else float("nan")
+        return _max(self._replayed(self.theta_error))
 
     @property
     def max_moment_error(self) -> float:
-        vals = [e for e in self.moment_error if not math.isnan(e)]
-        return max(vals) if vals else float("nan")
+        return _max(self._replayed(self.moment_error)) if self.second_moment else float("nan")
 
     def __str__(self) -> str:
         n = len(self.theta_error)
@@ -50,12 +67,51 @@ class VerifyReport:
                 + ("; " + "; ".join(self.notes) if self.notes else "") + ")")
 
 
+def _where(traj, i: int) -> str:
+    off = traj.layout.offsets
+    t = bisect.bisect_right(off, i) - 1
+    return f"coordinate {i}, parameter '{traj.layout.names[t]}'"
+
+
+def _check_tensor(traj, s: int, name: str, t: Optional[torch.Tensor], nonneg: bool) -> None:
+    """ValueError naming the step, the field and the first bad coordinate."""
+    if t is None:
+        return
+    bad = ~torch.isfinite(t)
+    what = "non-finite"
+    if nonneg:
+        neg = t < 0
+        if bool(neg.any()) and not bool(bad.any()):
+            bad, what = neg, "negative"
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"stored step {s}: {name} has a {what} entry ({float(t[i])} at "
+                         f"{_where(traj, i)})")
+
+
+def _check_scalars(s: int, r) -> None:
+    """lr and weight decay finite and >= 0, clip factor finite and >= 0 (ValueError naming the
+    stored step, the raw step and the field)."""
+    for name, values in (("lr", r.lr), ("weight_decay", r.weight_decay),
+                         ("clip_factor", [r.clip_factor])):
+        for g, x in enumerate(values):
+            x = float(x)
+            if not math.isfinite(x) or x < 0:
+                group = f"[{g}] (param group {g})" if name != "clip_factor" else ""
+                raise ValueError(f"stored step {s}, raw step {r.index}: {name}{group} is {x}; "
+                                 "expected a finite number >= 0")
+
+
 def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
     """Replay every stored update from the stored state; per-step errors in a VerifyReport.
 
-    Checks all checksums, and the model's parameter names, shapes and order when ``model`` is
-    given (ValueError naming the parameter on mismatch). Then, in float64, with the recursions
-    of :mod:`explaind_fast.optim.recursion` (E_s the data part of the first moment, R_s the decay part):
+    Checks all checksums, and the model's parameter names, shapes and order when ``model`` is given
+    (ValueError naming the parameter on mismatch); that every stored θ and first moment is finite,
+    every stored second moment finite and >= 0, every learning rate, weight decay and clip factor
+    finite and >= 0, and the step counters 1, 2, 3, ... (ValueError naming the stored step, the
+    field and the first bad coordinate or param group). Then, in float64, with the recursions of
+    :mod:`explaind_fast.optim.recursion` (E_s the data part of the first moment, R_s the decay
+    part):
 
     * mode "stored-m" (first moment stored, k = 1): E_s from the stored moment, the
       gradient G_s = (E_s − decay·E_{s−1})/gain, v'_{s+1} = β2 v_s + (1−β2) u_s² with
@@ -80,10 +136,10 @@ def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
     if model is not None:
         traj.layout.check_model(model)
     traj.check()
-    report = VerifyReport()
     f64 = torch.float64
     rule, D = traj.rule, traj.layout.D
     adam = rule.has_second_moment
+    report = VerifyReport(second_moment=adam)
     replayable = traj.checkpoint_every == 1
     if not replayable:
         report.notes.append("checkpoint_every > 1: intermediate states not stored, updates "
@@ -93,20 +149,23 @@ def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
     reg = RegRecursion(D, f64)
     E_prev = torch.zeros(D, dtype=f64)
     v_prev = torch.zeros(D, dtype=f64)
-    expected_count = None
+    expected_count = 1   # a recording starts from a fresh optimizer
     theta_next = traj.theta(0, dtype=f64)
+    _check_tensor(traj, 0, "θ_0", theta_next, nonneg=False)
     for s in range(traj.num_steps):
         rec = traj.step(s)
-        theta_s, theta_next = theta_next, traj.theta(s + 1, dtype=f64)
-        for name, t in (("θ", theta_next), ("exp_avg_sq", rec.exp_avg_sq),
-                        ("exp_avg", rec.exp_avg)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"stored step {s}: {name} has non-finite entries")
         for r in traj.raw_steps(s):
-            if expected_count is not None and r.step_count != expected_count:
+            _check_scalars(s, r)
+            if r.step_count != expected_count:
                 raise ValueError(f"stored step {s}: raw step {r.index} has step count "
                                  f"{r.step_count}, expected {expected_count}")
             expected_count = r.step_count + 1
+        theta_s, theta_next = theta_next, traj.theta(s + 1, dtype=f64)
+        _check_tensor(traj, s, f"θ_{s + 1}", theta_next, nonneg=False)
+        _check_tensor(traj, s, f"exp_avg_sq (v_{s + 1})", rec.exp_avg_sq, nonneg=True)
+        _check_tensor(traj, s, "exp_avg", rec.exp_avg, nonneg=False)
+        if adam and rec.exp_avg_sq is None:
+            raise ValueError(f"stored step {s}: exp_avg_sq (v_{s + 1}) is not stored")
         delta = theta_next - theta_s
         report.step_size.append(float(delta.abs().max()) if D else 0.0)
         if not replayable:

@@ -161,7 +161,7 @@ def test_crash_points_then_resume(tmp_path, monkeypatch, point):
 
     real_append = writer_module.TrajectoryWriter.append
     if point == "before-rename":
-        def replace(src, dst):
+        def replace(src, dst, **dir_fds):   # the writer renames relative to the directory fd
             raise _Crash()
         monkeypatch.setattr(writer_module.os, "replace", replace)
     elif point == "before-log":
