@@ -77,6 +77,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..model import ParamLayout
+from ..model.inputs import canonical_name, unwrap_compiled
 from ..optim import RULES, check_group_settings, constant_hyper, optimizer_kind
 from ..store import (FORMAT_NAME, FORMAT_VERSION, INIT_FILE, LOCK_FILE, MANIFEST, BackgroundWriter,
                      Trajectory, TrajectoryWriter, read_log)
@@ -115,8 +116,9 @@ class TrajectoryRecorder:
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
         if dataset_size is not None and (int(dataset_size) != dataset_size or dataset_size < 1):
             raise ValueError(f"dataset_size must be a positive integer, got {dataset_size}")
-        # a torch.compile'd module: record its plain module (names without "_orig_mod.")
-        model = model._orig_mod if type(model).__name__ == "OptimizedModule" else model
+        # a torch.compile'd module: record its plain module (names without "_orig_mod.", also
+        # for compiled submodules: ParamLayout canonicalises every name)
+        model = unwrap_compiled(model)
         self.model, self.optimizer = model, optimizer
         self.directory = str(directory)
         self.checkpoint_every = int(checkpoint_every)
@@ -131,7 +133,7 @@ class TrajectoryRecorder:
             raise ValueError("the model has no trainable parameters")
         self.hyper = constant_hyper(self.kind, optimizer)
         self._names = list(self.layout.names)
-        named = dict(model.named_parameters())
+        named = {canonical_name(n): p for n, p in model.named_parameters()}
         self._params = [named[n] for n in self._names]
         self._membership = self._group_membership()
         dtype = self._params[0].dtype
@@ -472,7 +474,7 @@ class TrajectoryRecorder:
             if a != b:
                 raise ValueError(f"param group {gi}: hyperparameters changed mid-run from {b} to "
                                  f"{a}; only lr and weight_decay may change between steps")
-        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        trainable = [canonical_name(n) for n, p in self.model.named_parameters() if p.requires_grad]
         if trainable != self._names:
             changed = sorted(set(trainable) ^ set(self._names))
             raise ValueError(f"the set of trainable parameters changed mid-run ({changed[:3]}): "

@@ -249,6 +249,19 @@ def test_torch_compile_both_ways(run):
                     dtypes=("float64", "float64"))
 
 
+def test_compiled_submodule_records_and_attributes(run):
+    """Only a submodule compiled: its parameters carry '_orig_mod.' inside their names."""
+    X, Y, Xte = run["Xtr"], run["Ytr"], run["Xte"]
+    torch.manual_seed(6)
+    model = TinyMLP("tanh").to(DT)
+    model.fc1 = torch.compile(model.fc1, backend="eager")
+    assert "fc1._orig_mod.weight" in dict(model.named_parameters())
+    traj = ef.Trajectory.load(_record(model, X, Y))
+    assert traj.layout.names[0] == "fc1.weight"
+    a = attr(model, traj, Xte, data="sample", train_data=(X, Y), quadrature=GL)
+    assert a.certificate["problems"] == []
+
+
 # ------------------------------------------------------------------------------ no forward AD
 class _Square(torch.autograd.Function):
     """x² with a backward but no jvp: forward-mode AD is not implemented for it."""
