@@ -3,6 +3,7 @@
 #include "path_kernel_reduce.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -21,6 +22,24 @@ namespace {
 constexpr const char* kOp = "path_kernel_reduce: ";
 
 std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+// The bytes [begin, end) that a strided tensor's elements lie in (first to last element, whatever
+// lies between them). Empty (begin == end) for a tensor without elements or without data.
+struct ByteSpan {
+  uintptr_t begin = 0, end = 0;
+};
+
+ByteSpan byte_span(const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage() || t.const_data_ptr() == nullptr) return {};
+  int64_t lo = 0, hi = 0;  // element offsets of the first and the last element from the data pointer
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t extent = (t.size(d) - 1) * t.stride(d);
+    (extent < 0 ? lo : hi) += extent;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const auto item = static_cast<int64_t>(t.element_size());
+  return {base + static_cast<uintptr_t>(lo * item), base + static_cast<uintptr_t>((hi + 1) * item)};
+}
 
 }  // namespace
 
@@ -56,6 +75,15 @@ void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at
               "offsets must be a 1-D tensor [G+1] with at least one element, got shape ", shape_str(offsets));
   const int64_t G = offsets.numel() - 1;
 
+  // Dense (strided) tensors only: the kernels and the overlap test below read raw memory.
+  const std::pair<const char*, const at::Tensor*> all[] = {{"J", &J}, {"w", &w}, {"B", &B}, {"offsets", &offsets}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->layout() == at::kStrided, kOp, name, " must be a dense (strided) tensor, got layout ",
+                t->layout());
+  }
+  TORCH_CHECK(!out.has_value() || out->layout() == at::kStrided, kOp,
+              "out must be a dense (strided) tensor, got layout ", out->layout());
+
   // Devices before values: reading offsets needs them to be real tensors on a known device.
   const auto device = J.device();
   const std::pair<const char*, const at::Tensor*> others[] = {{"w", &w}, {"B", &B}, {"offsets", &offsets}};
@@ -71,10 +99,32 @@ void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at
                 " (the accumulation dtype for J of dtype ", in_dtype, "), got ", o.scalar_type());
     TORCH_CHECK(o.dim() == 3 && o.size(0) == G && o.size(1) == R && o.size(2) == P, kOp,
                 "out must have shape [G, R, P] = [", G, ", ", R, ", ", P, "], got ", shape_str(o));
+    TORCH_CHECK(at::has_internal_overlap(o) != at::MemOverlap::Yes, kOp,
+                "out has internal overlap (several of its elements share memory, e.g. an expanded or "
+                "stride-0 tensor); it is accumulated in place, so it must own each of its elements");
     TORCH_CHECK(o.is_contiguous(), kOp, "out must be contiguous (it is accumulated in place)");
   }
 
-  if (device.is_meta()) return;  // no values to check
+  if (device.is_meta()) return;  // no memory and no values to check
+
+  // out is written while J, w, B and offsets are read: refuse any sharing of memory. The test is on
+  // raw addresses, so it covers views of one storage (full or partial overlap, other dtypes) and
+  // distinct storages over the same memory alike; O(1), no data read. A strided input whose span
+  // merely encloses out (interleaved, no common element) is refused too: clone it.
+  if (out.has_value()) {
+    const ByteSpan o = byte_span(*out);
+    const std::pair<const char*, const at::Tensor*> inputs[] = {
+        {"J", &J}, {"w", &w}, {"B", &B}, {"offsets", &offsets}};
+    for (const auto& [name, t] : inputs) {
+      const ByteSpan s = byte_span(*t);
+      TORCH_CHECK(o.begin == o.end || s.begin == s.end || s.end <= o.begin || o.end <= s.begin, kOp,
+                  "out overlaps ", name, " in memory (out is accumulated in place while ", name,
+                  " is read, so the result would be wrong); pass an out that shares no memory with ", name,
+                  " (e.g. a fresh tensor, or ", name, ".clone())");
+    }
+  }
+
+  // Values.
   const at::Tensor off = offsets.to(at::kCPU).contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0, kOp, "offsets must start at 0, got ", o[0]);

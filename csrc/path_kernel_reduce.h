@@ -4,7 +4,8 @@
 //
 // J: [Q, R, D] float32 | bfloat16 | float64, w: [Q], B: [P, D] (dtype of J), offsets: [G+1] int64
 // non-decreasing from 0 to D, out: [G, R, P]. The accumulation dtype is float32 for float32/bfloat16
-// inputs and float64 for float64 inputs; w and out must have the accumulation dtype.
+// inputs and float64 for float64 inputs; w and out must have the accumulation dtype. out must not
+// share memory with J, w, B or offsets, nor have internal overlap.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,7 +17,8 @@ namespace explaind_fast {
 c10::ScalarType accumulation_dtype(c10::ScalarType input_dtype);
 
 // The one input check shared by every backend. Raises c10::Error with a message that names the
-// offending argument. Reads the offset values (a device-to-host copy when they live on a GPU).
+// offending argument (an out overlapping an input: both). Reads the offset values (a device-to-host
+// copy when they live on a GPU); the overlap test is O(1) address arithmetic.
 void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
                               const at::Tensor& offsets, const std::optional<at::Tensor>& out);
 

@@ -45,7 +45,8 @@ def path_kernel_reduce(J, w, B, offsets, *, out=None, alpha=1.0):
         offsets: [G+1] int64, non-decreasing from 0 to D; group g is the coordinate range
             [offsets[g], offsets[g+1]) (empty groups allowed, they add nothing).
         out: optional [G, R, P] contiguous tensor of the accumulation dtype (float32, or float64
-            for float64 inputs), accumulated in place. Created zeroed when not given.
+            for float64 inputs), accumulated in place. Created zeroed when not given. It must not
+            share memory with J, w, B or offsets, nor have internal overlap (RuntimeError).
         alpha: scalar factor applied to the sum (before it is added to out).
 
     Returns:

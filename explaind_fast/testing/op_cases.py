@@ -137,5 +137,28 @@ def bad_inputs(dtype=torch.float32):
         (dict(out=torch.zeros(2, 4, 3, dtype=acc).transpose(1, 2)), "out must be contiguous"),
         (dict(B=B.to("meta")), "B is on meta but J is on cpu; all tensors must be on the same device"),
         (dict(out=torch.zeros(2, 3, 4, dtype=acc, device="meta")), "out is on meta but J is on cpu"),
+        (dict(out=torch.zeros(1, 3, 4, dtype=acc).expand(2, 3, 4)), "out has internal overlap"),
     ]
-    return good, cases
+    return good, cases + overlapping_out_cases(J, w, B, good["offsets"])
+
+
+def overlapping_out_cases(J, w, B, offsets):
+    """(argument changes, message) where out shares memory with an input: the very memory, a partial
+    overlap, views of one storage in other dtypes. Every backend must refuse them (out is written
+    while the inputs are read). J, w, B: contiguous, J [2, 3, 10], B [4, 10], offsets [0, 4, 10]."""
+    acc = acc_dtype(J.dtype)
+    J_mem = J.reshape(-1).view(acc)            # J's own memory, read as the accumulation dtype
+    buf = torch.zeros(64, dtype=acc)           # B (dtype of J) at its start, out overlapping its tail
+    B_shared = buf.view(J.dtype)[:B.numel()].view(B.shape).copy_(B)
+    b_end = B.numel() * B.element_size() // buf.element_size()  # where B ends, in buf's elements
+    w_buf = torch.zeros(32, dtype=acc)         # out at [8, 32), w its last two elements
+    offsets_mem = torch.zeros(24, dtype=torch.int64)
+    offsets_shared = offsets_mem[:3].copy_(offsets)
+    return [
+        (dict(out=J_mem[:24].view(2, 3, 4)), "out overlaps J in memory"),
+        (dict(out=J_mem[3:27].view(2, 3, 4)), "out overlaps J in memory"),          # partial
+        (dict(B=B_shared, out=buf[b_end - 4:b_end + 20].view(2, 3, 4)), "out overlaps B in memory"),
+        (dict(w=w_buf[30:32].copy_(w), out=w_buf[8:32].view(2, 3, 4)), "out overlaps w in memory"),
+        (dict(offsets=offsets_shared, out=offsets_mem.view(acc)[:24].view(2, 3, 4)),
+         "out overlaps offsets in memory"),
+    ]
