@@ -9,10 +9,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace explaind_fast {
@@ -286,18 +288,46 @@ struct Problem {
   }
 };
 
+// alpha rounded to the accumulation dtype as IEEE conversion does (beyond its range: ±inf), without
+// relying on an out-of-range static_cast (undefined behaviour in C++).
+template <typename acc_t>
+acc_t round_alpha(double alpha) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return alpha;
+  } else {
+    // The midpoint between FLT_MAX and 2^128: from there on, round-to-nearest-even gives inf.
+    constexpr double kOverflow = 0x1.ffffffp127;
+    if (std::isfinite(alpha) && std::abs(alpha) >= kOverflow) {
+      return alpha > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+    }
+    return static_cast<float>(alpha);
+  }
+}
+
 template <typename in_t, typename acc_t>
 void accumulate_impl(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
-                     const at::Tensor& offsets, at::Tensor& out, double alpha) {
+                     const at::Tensor& offsets, at::Tensor& out, double alpha_in) {
   const int64_t Q = J.size(0), R = J.size(1), D = J.size(2), P = B.size(0);
   const int64_t G = offsets.numel() - 1;
-  if (Q == 0 || G == 0 || R == 0 || P == 0 || D == 0) return;  // an empty sum adds nothing
+  if (G == 0 || R == 0 || P == 0) return;  // out has no entries
+  const acc_t alpha = round_alpha<acc_t>(alpha_in);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  acc_t* out_data = out.data_ptr<acc_t>();
+  // Entries whose sum S is empty (an empty group, or every group when Q = 0) get out += alpha * 0:
+  // nothing when alpha is finite, NaN when alpha is ±inf or NaN (the documented semantics). The
+  // kernel below skips empty groups, so this O(G) pass (O(G·R·P) writes) runs only for such alpha.
+  if (!std::isfinite(alpha)) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (Q > 0 && off[g] < off[g + 1]) continue;
+      acc_t* dst = out_data + g * R * P;
+      for (int64_t k = 0; k < R * P; ++k) dst[k] += alpha * acc_t(0);
+    }
+  }
+  if (Q == 0 || D == 0) return;  // every sum is empty (handled above)
   const Problem<raw_t<in_t>, acc_t> prob{reinterpret_cast<const raw_t<in_t>*>(J.data_ptr<in_t>()),
                                          w.data_ptr<acc_t>(),
                                          reinterpret_cast<const raw_t<in_t>*>(B.data_ptr<in_t>()),
-                                  offsets.data_ptr<int64_t>(), out.data_ptr<acc_t>(), Q, R, D, P,
-                                  static_cast<acc_t>(alpha)};
-  const int64_t* off = prob.off;
+                                         off, out_data, Q, R, D, P, alpha};
   const bool short_groups = D < kShortGroupMeanLength * G;
   const int64_t row_block = short_groups ? std::min(R, kShortRowBlock) : kLongRowBlock;
   const int64_t n_row_blocks = (R + row_block - 1) / row_block;

@@ -43,7 +43,7 @@ def path_kernel_reduce(J, w, B, offsets, *, out=None, alpha=1.0):
         w: [Q] quadrature weights, float32 (float64 when J is float64).
         B: [P, D], dtype of J.
         offsets: [G+1] int64, non-decreasing from 0 to D; group g is the coordinate range
-            [offsets[g], offsets[g+1]) (empty groups allowed, they add nothing).
+            [offsets[g], offsets[g+1]) (empty groups allowed: their sum is 0).
         out: optional [G, R, P] contiguous tensor of the accumulation dtype (float32, or float64
             for float64 inputs), accumulated in place. Created zeroed when not given. It must not
             share memory with J, w, B or offsets, nor have internal overlap (RuntimeError).
@@ -51,15 +51,35 @@ def path_kernel_reduce(J, w, B, offsets, *, out=None, alpha=1.0):
 
     Returns:
         out, [G, R, P]. bfloat16 inputs are read as bfloat16 and accumulated in float32.
-        NaN or inf anywhere in J, w or B propagates to the affected entries of out.
+
+    Inf and NaN (the same on every backend and in the reference, explaind_fast.ops.reference):
+        every entry is the IEEE evaluation, in the accumulation dtype, of
+
+            A[r, i]    = Σ_q w[q] · J[q, r, i]                          (the quadrature fold)
+            S[g, r, p] = Σ_{i ∈ [offsets[g], offsets[g+1])} A[r, i] · B[p, i]
+            out[g, r, p] ← out[g, r, p] + alpha · S[g, r, p]
+
+        with alpha first rounded to the accumulation dtype (±inf beyond its range), and every Σ an
+        unordered sum: NaN if a summand is NaN or if +inf and −inf both occur, else ±inf if a summand
+        is ±inf. So a NaN or ±inf in J, w or B reaches exactly the entries whose terms it enters, as
+        ±inf or as NaN (inf·0 = NaN: J = inf with w = 0, A = ±inf facing B = 0, ...), and:
+          * an empty group has S = 0 exactly, and so has every group when Q = 0 (B is not read);
+          * padding never contributes (w = inf does not turn padded zeros into NaN);
+          * alpha multiplies every S, zeros included: alpha = NaN makes every entry NaN, alpha = ±inf
+            makes entries with S = 0 NaN (empty groups too), alpha = 0 makes entries with S = ±inf
+            or NaN NaN, and leaves the others as they were.
+        Only what hinges on rounding is backend-dependent: finite values (see below), and ±inf
+        versus NaN where finite intermediates overflow, or where an A[r, i] facing B[p, i] = ±inf
+        (or an S under alpha = ±inf) is zero under one rounding and not under another
+        (cancellation, underflow).
 
     All tensors must be on one device. Every backend checks its inputs with the same C++ function
     and raises RuntimeError naming the offending argument.
 
     Peak extra memory (besides the inputs and out): CPU, per thread at most
     128·min(R, 512) + P·(min(R, 512) + 256) accumulation-dtype scalars of scratch; CUDA, a work
-    list of 4·(number of work items ≤ G + D/split) int64. Non-contiguous J or B are copied once
-    (Q·R·D resp. P·D elements).
+    list of 4·(number of work items ≤ G + D/split) int64 (plus a [G, R, P] buffer when alpha is
+    ±inf or NaN). Non-contiguous J or B are copied once (Q·R·D resp. P·D elements).
     The sum order differs between backends, so results agree to rounding, not bitwise; the CUDA
     backend adds split-K partial sums with atomics, so repeated GPU runs may differ by rounding.
     """

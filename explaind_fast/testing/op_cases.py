@@ -24,6 +24,41 @@ def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def acc_alpha(alpha, dtype):
+    """alpha as every backend applies it for inputs of `dtype`: rounded to the accumulation dtype
+    (±inf beyond its range). Pass this to the float64 reference to get the documented semantics."""
+    return torch.tensor(alpha, dtype=acc_dtype(dtype)).item()
+
+
+def triton_device():
+    """Where path_kernel_reduce_triton runs in this process: 'cuda', 'cpu' (Triton interpreter,
+    TRITON_INTERPRET=1 before triton is imported) or None. Imports triton."""
+    if torch.cuda.is_available():
+        return "cuda"
+    from ..ops import triton_launcher
+
+    return "cpu" if triton_launcher._is_interpreted() else None
+
+
+def run_backend(backend, J, w, B, offsets, out=None, alpha=1.0, split=None):
+    """One backend on CPU inputs; the result on the CPU (and `out`, if given, accumulated in place).
+    'cpp': the op (the C++ kernel on CPU tensors). 'triton': path_kernel_reduce_triton on
+    triton_device(), with `split` coordinates per work item (None: its default)."""
+    if backend == "cpp":
+        from .. import ops
+
+        return ops.path_kernel_reduce(J, w, B, offsets, out=out, alpha=alpha)
+    from ..ops.triton_launcher import path_kernel_reduce_triton
+
+    device = triton_device()
+    args = [t.to(device) for t in (J, w, B, offsets)]
+    out_dev = None if out is None else out.to(device)
+    got = path_kernel_reduce_triton(*args, out=out_dev, alpha=alpha, split=split)
+    if out is not None and out_dev is not out:
+        out.copy_(out_dev)
+    return got.cpu() if out is None else out
+
+
 def make_offsets(D, G, kind, generator):
     """[G+1] int64 offsets from 0 to D: 'even' splits, 'random' cut points (empty groups likely),
     'unit' one coordinate per group (G must equal D)."""

@@ -1,6 +1,6 @@
 // C++ test of the op library (no Python): the dispatcher op against a naive triple loop in double,
-// accumulation into out, bfloat16, and the shared input check's messages (overlapping out
-// included). Run by ctest.
+// accumulation into out, bfloat16, the shared input check's messages (overlapping out included)
+// and the Inf/NaN semantics of empty sums and alpha. Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -130,6 +130,23 @@ int main() {
     expect(raised, "the accumulate op refuses an overlapping out");
     acc_op.call(Jv, w, B, off2, out_free, 1.0);
     expect(at::equal(out_free, naive(J, w, B, off2, 1.0)), "disjoint views of one storage: right result");
+  }
+
+  // Inf/NaN semantics: S = 0 for empty groups and Q = 0, out += alpha * S (alpha = NaN/inf: NaN there).
+  {
+    auto off_e = offsets_of({0, 0, 5, 5, D});
+    auto res = op.call(J, w, B, off_e, NAN);
+    expect(at::isnan(res).all().item().toBool(), "alpha = NaN: NaN everywhere, empty groups included");
+    res = op.call(J.narrow(0, 0, 0), w.narrow(0, 0, 0), B, off_e, INFINITY);
+    expect(at::isnan(res).all().item().toBool(), "Q = 0, alpha = inf: inf * 0 = NaN");
+    res = op.call(J.narrow(0, 0, 0), w.narrow(0, 0, 0), at::full({P, D}, NAN, at::kDouble), off_e, 1.0);
+    expect(at::equal(res, at::zeros_like(res)), "Q = 0: B is not read");
+    auto Jf = at::ones({1, 1, 4}, at::kFloat), wf = at::ones({1}, at::kFloat), Bf = at::ones({1, 4}, at::kFloat);
+    res = op.call(Jf, wf, Bf, offsets_of({0, 4}), 1e300);
+    expect(std::isinf(res.item<float>()) && res.item<float>() > 0, "alpha beyond float32: +inf");
+    wf.fill_(INFINITY);
+    res = op.call(Jf, wf, Bf, offsets_of({0, 0, 4}), 1.0);
+    expect(res[0].item<float>() == 0 && std::isinf(res[1].item<float>()), "w = inf: empty group 0, other +inf");
   }
 
   if (failures == 0) std::printf("test_path_kernel_reduce: all checks passed\n");
