@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -386,6 +388,31 @@ void path_kernel_reduce_accumulate_cpu_op(const at::Tensor& J, const at::Tensor&
   path_kernel_reduce_accumulate_cpu(J, w, B, offsets, out, alpha);
 }
 
+// Autograd kernel of the accumulate op. It adds into out in place and has no derivative formula,
+// so instead of autograd's default (a warning, then silently no gradient) it refuses inputs that
+// require grad, with a pointer to the differentiable functional form. Otherwise it runs the
+// backend kernel and bumps out's version counter, as in-place ops do (so autograd notices if a
+// tensor saved for backward is overwritten).
+void path_kernel_reduce_accumulate_autograd(c10::DispatchKeySet keys, const at::Tensor& J, const at::Tensor& w,
+                                            const at::Tensor& B, const at::Tensor& offsets, at::Tensor out,
+                                            double alpha) {
+  if (at::GradMode::is_enabled()) {
+    const std::pair<const char*, const at::Tensor*> args[] = {{"J", &J}, {"w", &w}, {"B", &B}, {"out", &out}};
+    for (const auto& [name, t] : args) {
+      TORCH_CHECK(!t->requires_grad(), kOp, "the accumulating form (out=..., op path_kernel_reduce_accumulate) "
+                  "is not differentiable: it adds into out in place, but ", name, " requires grad. Use the "
+                  "functional form, out + path_kernel_reduce(J, w, B, offsets, alpha=alpha) without out=, which "
+                  "has a backward formula, or call it on detached tensors or under torch.no_grad()");
+    }
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("explaind_fast::path_kernel_reduce_accumulate", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, at::Tensor, double)>();
+  op.redispatch(keys & c10::after_autograd_keyset, J, w, B, offsets, out, alpha);
+  if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
+}
+
 void path_kernel_reduce_check_op(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
                                  const at::Tensor& offsets, const std::optional<at::Tensor>& out) {
   check_path_kernel_inputs(J, w, B, offsets, out);
@@ -406,6 +433,12 @@ TORCH_LIBRARY(explaind_fast, m) {
 TORCH_LIBRARY_IMPL(explaind_fast, CPU, m) {
   m.impl("path_kernel_reduce", &path_kernel_reduce_cpu);
   m.impl("path_kernel_reduce_accumulate", &path_kernel_reduce_accumulate_cpu_op);
+}
+
+// Every backend: the accumulate op refuses autograd (the functional op's backward formula is
+// registered from Python, explaind_fast/ops/__init__.py).
+TORCH_LIBRARY_IMPL(explaind_fast, Autograd, m) {
+  m.impl("path_kernel_reduce_accumulate", &path_kernel_reduce_accumulate_autograd);
 }
 
 // The check is device-agnostic (it copies offsets to the host), so one kernel serves every backend.

@@ -23,7 +23,8 @@ def path_kernel_reduce_naive(J, w, B, offsets, *, out=None, alpha=1.0):
 
     Peak extra memory: Q·R·D + R·D + R·P·D + D accumulation-dtype elements (the weighted copy of J,
     the quadrature sum, the product, the segment ids), i.e. O(R·P·D) — why the fused op exists.
-    Inputs are not validated beyond what torch itself checks.
+    Inputs are not validated beyond what torch itself checks. Differentiable with plain autograd
+    (J, w, B), so it also serves as the oracle for the op's backward.
     """
     acc = torch.float64 if J.dtype == torch.float64 else torch.float32
     Q, R, D = J.shape

@@ -1,6 +1,6 @@
 // C++ test of the op library (no Python): the dispatcher op against a naive triple loop in double,
-// accumulation into out, bfloat16, the shared input check's messages (overlapping out included)
-// and the Inf/NaN semantics of empty sums and alpha. Run by ctest.
+// accumulation into out, bfloat16, the shared input check's messages (overlapping out included),
+// the Inf/NaN semantics of empty sums and alpha, and the accumulate op's autograd refusal. Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -147,6 +147,24 @@ int main() {
     wf.fill_(INFINITY);
     res = op.call(Jf, wf, Bf, offsets_of({0, 0, 4}), 1.0);
     expect(res[0].item<float>() == 0 && std::isinf(res[1].item<float>()), "w = inf: empty group 0, other +inf");
+  }
+
+  // Autograd: the accumulating form refuses inputs that require grad, and bumps out's version.
+  {
+    auto off2 = offsets_of({0, 4, D});
+    auto out = at::zeros({2, R, P}, at::kDouble);
+    const auto version = out._version();
+    acc_op.call(J, w, B, off2, out, 1.0);
+    expect(out._version() == version + 1, "the accumulate op bumps the version of out");
+    auto Jg = J.clone().set_requires_grad(true);
+    std::string message;
+    try {
+      acc_op.call(Jg, w, B, off2, out, 1.0);
+    } catch (const c10::Error& e) {
+      message = e.what_without_backtrace();
+    }
+    expect(contains(message, "not differentiable") && contains(message, "J requires grad"),
+           "accumulate refuses J that requires grad: " + message);
   }
 
   if (failures == 0) std::printf("test_path_kernel_reduce: all checks passed\n");
