@@ -10,7 +10,9 @@ Two kinds of oracle, both from explaind_fast.ops.reference.path_kernel_reduce_na
   roundoff; Higham, Accuracy and Stability, §3.1), where M = Σ_q |w_q| Σ_i |J[q,r,i]|·|B[p,i]| is
   computed by the same reference on absolute values. The tests allow n·eps·M + tiny: a rigorous
   bound with a factor-2 margin, so it can never be flaky, while any wrong term shows up in the
-  exact tests above.
+  exact tests above. With subnormal intermediates (rounding_bound(..., underflow=True)) each
+  product may also err by up to η = half the smallest subnormal, and an error in the fold
+  A = Σ_q w_q J[q] is multiplied by B afterwards: add 2η·(|alpha|·(Q·Σ_{i∈g}|B[p,i]| + L) + L + 1).
 """
 import torch
 
@@ -90,16 +92,23 @@ def reference64(J, w, B, offsets, out=None, alpha=1.0):
     return path_kernel_reduce_naive(J.double(), w.double(), B.double(), offsets, out=out64, alpha=alpha)
 
 
-def rounding_bound(J, w, B, offsets, alpha=1.0, out=None):
-    """Per-entry bound n·eps·M (+ the rounding of |out| when accumulating), see the module docstring."""
+def rounding_bound(J, w, B, offsets, alpha=1.0, out=None, underflow=False):
+    """Per-entry bound n·eps·M (+ the rounding of |out| when accumulating), see the module docstring;
+    underflow=True adds the absolute error that subnormal products can make (same docstring)."""
     eps = EPS[J.dtype]
     lengths = (offsets[1:] - offsets[:-1]).double().view(-1, 1, 1)
     M = path_kernel_reduce_naive(J.double().abs(), w.double().abs(), B.double().abs(), offsets,
                                  alpha=abs(alpha))
     n = J.shape[0] + lengths + 2
-    bound = n * eps * M + 4 * torch.finfo(acc_dtype(J.dtype)).tiny
+    tiny = torch.finfo(acc_dtype(J.dtype)).tiny
+    bound = n * eps * M + 4 * tiny
     if out is not None:
         bound = bound + 2 * eps * out.double().abs()
+    if underflow:
+        two_eta = tiny * eps  # the smallest subnormal of the accumulation dtype
+        sum_B = path_kernel_reduce_naive(torch.ones(1, 1, J.shape[2], dtype=torch.float64),
+                                         torch.ones(1, dtype=torch.float64), B.double().abs(), offsets)  # [G, 1, P]
+        bound = bound + two_eta * (abs(alpha) * (J.shape[0] * sum_B + lengths) + lengths + 1)
     return bound
 
 
