@@ -3,15 +3,20 @@
 #include "path_kernel_reduce.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace explaind_fast {
@@ -21,6 +26,24 @@ namespace {
 constexpr const char* kOp = "path_kernel_reduce: ";
 
 std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+// The bytes [begin, end) that a strided tensor's elements lie in (first to last element, whatever
+// lies between them). Empty (begin == end) for a tensor without elements or without data.
+struct ByteSpan {
+  uintptr_t begin = 0, end = 0;
+};
+
+ByteSpan byte_span(const at::Tensor& t) {
+  if (t.numel() == 0 || !t.has_storage() || t.const_data_ptr() == nullptr) return {};
+  int64_t lo = 0, hi = 0;  // element offsets of the first and the last element from the data pointer
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t extent = (t.size(d) - 1) * t.stride(d);
+    (extent < 0 ? lo : hi) += extent;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const auto item = static_cast<int64_t>(t.element_size());
+  return {base + static_cast<uintptr_t>(lo * item), base + static_cast<uintptr_t>((hi + 1) * item)};
+}
 
 }  // namespace
 
@@ -56,6 +79,15 @@ void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at
               "offsets must be a 1-D tensor [G+1] with at least one element, got shape ", shape_str(offsets));
   const int64_t G = offsets.numel() - 1;
 
+  // Dense (strided) tensors only: the kernels and the overlap test below read raw memory.
+  const std::pair<const char*, const at::Tensor*> all[] = {{"J", &J}, {"w", &w}, {"B", &B}, {"offsets", &offsets}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->layout() == at::kStrided, kOp, name, " must be a dense (strided) tensor, got layout ",
+                t->layout());
+  }
+  TORCH_CHECK(!out.has_value() || out->layout() == at::kStrided, kOp,
+              "out must be a dense (strided) tensor, got layout ", out->layout());
+
   // Devices before values: reading offsets needs them to be real tensors on a known device.
   const auto device = J.device();
   const std::pair<const char*, const at::Tensor*> others[] = {{"w", &w}, {"B", &B}, {"offsets", &offsets}};
@@ -71,10 +103,32 @@ void check_path_kernel_inputs(const at::Tensor& J, const at::Tensor& w, const at
                 " (the accumulation dtype for J of dtype ", in_dtype, "), got ", o.scalar_type());
     TORCH_CHECK(o.dim() == 3 && o.size(0) == G && o.size(1) == R && o.size(2) == P, kOp,
                 "out must have shape [G, R, P] = [", G, ", ", R, ", ", P, "], got ", shape_str(o));
+    TORCH_CHECK(at::has_internal_overlap(o) != at::MemOverlap::Yes, kOp,
+                "out has internal overlap (several of its elements share memory, e.g. an expanded or "
+                "stride-0 tensor); it is accumulated in place, so it must own each of its elements");
     TORCH_CHECK(o.is_contiguous(), kOp, "out must be contiguous (it is accumulated in place)");
   }
 
-  if (device.is_meta()) return;  // no values to check
+  if (device.is_meta()) return;  // no memory and no values to check
+
+  // out is written while J, w, B and offsets are read: refuse any sharing of memory. The test is on
+  // raw addresses, so it covers views of one storage (full or partial overlap, other dtypes) and
+  // distinct storages over the same memory alike; O(1), no data read. A strided input whose span
+  // merely encloses out (interleaved, no common element) is refused too: clone it.
+  if (out.has_value()) {
+    const ByteSpan o = byte_span(*out);
+    const std::pair<const char*, const at::Tensor*> inputs[] = {
+        {"J", &J}, {"w", &w}, {"B", &B}, {"offsets", &offsets}};
+    for (const auto& [name, t] : inputs) {
+      const ByteSpan s = byte_span(*t);
+      TORCH_CHECK(o.begin == o.end || s.begin == s.end || s.end <= o.begin || o.end <= s.begin, kOp,
+                  "out overlaps ", name, " in memory (out is accumulated in place while ", name,
+                  " is read, so the result would be wrong); pass an out that shares no memory with ", name,
+                  " (e.g. a fresh tensor, or ", name, ".clone())");
+    }
+  }
+
+  // Values.
   const at::Tensor off = offsets.to(at::kCPU).contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
   TORCH_CHECK(o[0] == 0, kOp, "offsets must start at 0, got ", o[0]);
@@ -236,18 +290,46 @@ struct Problem {
   }
 };
 
+// alpha rounded to the accumulation dtype as IEEE conversion does (beyond its range: ±inf), without
+// relying on an out-of-range static_cast (undefined behaviour in C++).
+template <typename acc_t>
+acc_t round_alpha(double alpha) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return alpha;
+  } else {
+    // The midpoint between FLT_MAX and 2^128: from there on, round-to-nearest-even gives inf.
+    constexpr double kOverflow = 0x1.ffffffp127;
+    if (std::isfinite(alpha) && std::abs(alpha) >= kOverflow) {
+      return alpha > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+    }
+    return static_cast<float>(alpha);
+  }
+}
+
 template <typename in_t, typename acc_t>
 void accumulate_impl(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
-                     const at::Tensor& offsets, at::Tensor& out, double alpha) {
+                     const at::Tensor& offsets, at::Tensor& out, double alpha_in) {
   const int64_t Q = J.size(0), R = J.size(1), D = J.size(2), P = B.size(0);
   const int64_t G = offsets.numel() - 1;
-  if (Q == 0 || G == 0 || R == 0 || P == 0 || D == 0) return;  // an empty sum adds nothing
+  if (G == 0 || R == 0 || P == 0) return;  // out has no entries
+  const acc_t alpha = round_alpha<acc_t>(alpha_in);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  acc_t* out_data = out.data_ptr<acc_t>();
+  // Entries whose sum S is empty (an empty group, or every group when Q = 0) get out += alpha * 0:
+  // nothing when alpha is finite, NaN when alpha is ±inf or NaN (the documented semantics). The
+  // kernel below skips empty groups, so this O(G) pass (O(G·R·P) writes) runs only for such alpha.
+  if (!std::isfinite(alpha)) {
+    for (int64_t g = 0; g < G; ++g) {
+      if (Q > 0 && off[g] < off[g + 1]) continue;
+      acc_t* dst = out_data + g * R * P;
+      for (int64_t k = 0; k < R * P; ++k) dst[k] += alpha * acc_t(0);
+    }
+  }
+  if (Q == 0 || D == 0) return;  // every sum is empty (handled above)
   const Problem<raw_t<in_t>, acc_t> prob{reinterpret_cast<const raw_t<in_t>*>(J.data_ptr<in_t>()),
                                          w.data_ptr<acc_t>(),
                                          reinterpret_cast<const raw_t<in_t>*>(B.data_ptr<in_t>()),
-                                  offsets.data_ptr<int64_t>(), out.data_ptr<acc_t>(), Q, R, D, P,
-                                  static_cast<acc_t>(alpha)};
-  const int64_t* off = prob.off;
+                                         off, out_data, Q, R, D, P, alpha};
   const bool short_groups = D < kShortGroupMeanLength * G;
   const int64_t row_block = short_groups ? std::min(R, kShortRowBlock) : kLongRowBlock;
   const int64_t n_row_blocks = (R + row_block - 1) / row_block;
@@ -306,6 +388,31 @@ void path_kernel_reduce_accumulate_cpu_op(const at::Tensor& J, const at::Tensor&
   path_kernel_reduce_accumulate_cpu(J, w, B, offsets, out, alpha);
 }
 
+// Autograd kernel of the accumulate op. It adds into out in place and has no derivative formula,
+// so instead of autograd's default (a warning, then silently no gradient) it refuses inputs that
+// require grad, with a pointer to the differentiable functional form. Otherwise it runs the
+// backend kernel and bumps out's version counter, as in-place ops do (so autograd notices if a
+// tensor saved for backward is overwritten).
+void path_kernel_reduce_accumulate_autograd(c10::DispatchKeySet keys, const at::Tensor& J, const at::Tensor& w,
+                                            const at::Tensor& B, const at::Tensor& offsets, at::Tensor out,
+                                            double alpha) {
+  if (at::GradMode::is_enabled()) {
+    const std::pair<const char*, const at::Tensor*> args[] = {{"J", &J}, {"w", &w}, {"B", &B}, {"out", &out}};
+    for (const auto& [name, t] : args) {
+      TORCH_CHECK(!t->requires_grad(), kOp, "the accumulating form (out=..., op path_kernel_reduce_accumulate) "
+                  "is not differentiable: it adds into out in place, but ", name, " requires grad. Use the "
+                  "functional form, out + path_kernel_reduce(J, w, B, offsets, alpha=alpha) without out=, which "
+                  "has a backward formula, or call it on detached tensors or under torch.no_grad()");
+    }
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("explaind_fast::path_kernel_reduce_accumulate", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, at::Tensor, double)>();
+  op.redispatch(keys & c10::after_autograd_keyset, J, w, B, offsets, out, alpha);
+  if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
+}
+
 void path_kernel_reduce_check_op(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B,
                                  const at::Tensor& offsets, const std::optional<at::Tensor>& out) {
   check_path_kernel_inputs(J, w, B, offsets, out);
@@ -326,6 +433,12 @@ TORCH_LIBRARY(explaind_fast, m) {
 TORCH_LIBRARY_IMPL(explaind_fast, CPU, m) {
   m.impl("path_kernel_reduce", &path_kernel_reduce_cpu);
   m.impl("path_kernel_reduce_accumulate", &path_kernel_reduce_accumulate_cpu_op);
+}
+
+// Every backend: the accumulate op refuses autograd (the functional op's backward formula is
+// registered from Python, explaind_fast/ops/__init__.py).
+TORCH_LIBRARY_IMPL(explaind_fast, Autograd, m) {
+  m.impl("path_kernel_reduce_accumulate", &path_kernel_reduce_accumulate_autograd);
 }
 
 // The check is device-agnostic (it copies offsets to the host), so one kernel serves every backend.

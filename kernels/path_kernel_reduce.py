@@ -15,6 +15,11 @@ host so that one launch handles any G:
     program loops over its groups, so thousands of tiny groups cost a few programs, not thousands.
 
 Grid: (work item, R tile, P tile). J is read once per P tile (once in total when P ≤ BLOCK_P).
+
+Special values follow the op's documented semantics (explaind_fast.ops.path_kernel_reduce): padding
+lanes never contribute (the folded tile is zeroed outside the group) and an empty group adds alpha·0.
+The launcher passes a finite alpha only (for ±inf or NaN it sums S with alpha = 1, then adds alpha·S
+itself), so adding alpha·(partial sum) per split-K chunk keeps the semantics.
 """
 import triton
 import triton.language as tl
@@ -58,6 +63,9 @@ def path_kernel_reduce_kernel(
                 w_q = tl.load(w_ptr + q)
                 a += w_q * tl.load(j_ptrs, mask=j_mask, other=0.0).to(acc_dtype)
                 j_ptrs += stride_jq
+            # Padding coordinates (ks >= end) must add exactly nothing: there a = w_q·0, which is NaN
+            # when some w_q is ±inf or NaN, and NaN·(b's padding 0) would reach every valid entry.
+            a = tl.where(k_mask[None, :], a, 0.0)
             b = tl.load(B_ptr + cols[:, None] * stride_bp + ks[None, :],
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0).to(acc_dtype)
             if ALLOW_DOT and BLOCK_P >= 16 and BLOCK_R >= 16 and BLOCK_K >= 16:

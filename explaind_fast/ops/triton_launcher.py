@@ -9,6 +9,7 @@ Importing this module imports triton; nothing here touches a GPU before the firs
 """
 import contextlib
 import functools
+import math
 
 import numpy as np
 import torch
@@ -192,8 +193,9 @@ def path_kernel_reduce_triton(J, w, B, offsets, out=None, alpha=1.0, *, split=No
     overrides the default; tests use it to exercise split-K and packing at small sizes.
 
     Peak extra memory: the work list, 4·(G + D/split) int64, plus contiguous copies of J or B if
-    they are not contiguous. The sum order depends on the config, and split-K partial sums are added
-    with atomics, so GPU results may differ between runs by rounding (not more).
+    they are not contiguous, and a [G, R, P] buffer for S when alpha is ±inf or NaN. The sum order
+    depends on the config, and split-K partial sums are added with atomics, so GPU results may
+    differ between runs by rounding (not more).
     """
     torch.ops.explaind_fast.path_kernel_reduce_check(J, w, B, offsets, out)
     if J.device.type == "cpu" and not _is_interpreted():
@@ -206,8 +208,17 @@ def path_kernel_reduce_triton(J, w, B, offsets, out=None, alpha=1.0, *, split=No
     acc_dtype = w.dtype
     if out is None:
         out = torch.zeros((G, R, P), dtype=acc_dtype, device=J.device)
-    if Q == 0 or G == 0 or R == 0 or P == 0 or D == 0:
-        return out  # an empty sum adds nothing
+    if G == 0 or R == 0 or P == 0:
+        return out  # out has no entries
+    alpha = torch.tensor(alpha, dtype=acc_dtype).item()  # rounded to acc_dtype (±inf beyond its range)
+    if not math.isfinite(alpha):
+        # Split-K chunks of a group each add alpha·(their partial sum), which for alpha = ±inf is not
+        # alpha·S (inf·2 + inf·(-1) = NaN, but inf·1 = inf); empty sums must give alpha·0 = NaN. So
+        # sum S first (alpha = 1, into zeros), then add alpha·S once, entrywise, as documented.
+        S = path_kernel_reduce_triton(J, w, B, offsets, alpha=1.0, split=split)
+        return out.add_(S, alpha=alpha)
+    if Q == 0 or D == 0:
+        return out  # every sum is empty: S = 0 adds nothing for a finite alpha
     J = J.contiguous()
     B = B.contiguous()
     w = w.contiguous()

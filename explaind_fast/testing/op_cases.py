@@ -10,7 +10,9 @@ Two kinds of oracle, both from explaind_fast.ops.reference.path_kernel_reduce_na
   roundoff; Higham, Accuracy and Stability, §3.1), where M = Σ_q |w_q| Σ_i |J[q,r,i]|·|B[p,i]| is
   computed by the same reference on absolute values. The tests allow n·eps·M + tiny: a rigorous
   bound with a factor-2 margin, so it can never be flaky, while any wrong term shows up in the
-  exact tests above.
+  exact tests above. With subnormal intermediates (rounding_bound(..., underflow=True)) each
+  product may also err by up to η = half the smallest subnormal, and an error in the fold
+  A = Σ_q w_q J[q] is multiplied by B afterwards: add 2η·(|alpha|·(Q·Σ_{i∈g}|B[p,i]| + L) + L + 1).
 """
 import torch
 
@@ -22,6 +24,41 @@ EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.bfloat16: torch.finf
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_alpha(alpha, dtype):
+    """alpha as every backend applies it for inputs of `dtype`: rounded to the accumulation dtype
+    (±inf beyond its range). Pass this to the float64 reference to get the documented semantics."""
+    return torch.tensor(alpha, dtype=acc_dtype(dtype)).item()
+
+
+def triton_device():
+    """Where path_kernel_reduce_triton runs in this process: 'cuda', 'cpu' (Triton interpreter,
+    TRITON_INTERPRET=1 before triton is imported) or None. Imports triton."""
+    if torch.cuda.is_available():
+        return "cuda"
+    from ..ops import triton_launcher
+
+    return "cpu" if triton_launcher._is_interpreted() else None
+
+
+def run_backend(backend, J, w, B, offsets, out=None, alpha=1.0, split=None):
+    """One backend on CPU inputs; the result on the CPU (and `out`, if given, accumulated in place).
+    'cpp': the op (the C++ kernel on CPU tensors). 'triton': path_kernel_reduce_triton on
+    triton_device(), with `split` coordinates per work item (None: its default)."""
+    if backend == "cpp":
+        from .. import ops
+
+        return ops.path_kernel_reduce(J, w, B, offsets, out=out, alpha=alpha)
+    from ..ops.triton_launcher import path_kernel_reduce_triton
+
+    device = triton_device()
+    args = [t.to(device) for t in (J, w, B, offsets)]
+    out_dev = None if out is None else out.to(device)
+    got = path_kernel_reduce_triton(*args, out=out_dev, alpha=alpha, split=split)
+    if out is not None and out_dev is not out:
+        out.copy_(out_dev)
+    return got.cpu() if out is None else out
 
 
 def make_offsets(D, G, kind, generator):
@@ -55,16 +92,23 @@ def reference64(J, w, B, offsets, out=None, alpha=1.0):
     return path_kernel_reduce_naive(J.double(), w.double(), B.double(), offsets, out=out64, alpha=alpha)
 
 
-def rounding_bound(J, w, B, offsets, alpha=1.0, out=None):
-    """Per-entry bound n·eps·M (+ the rounding of |out| when accumulating), see the module docstring."""
+def rounding_bound(J, w, B, offsets, alpha=1.0, out=None, underflow=False):
+    """Per-entry bound n·eps·M (+ the rounding of |out| when accumulating), see the module docstring;
+    underflow=True adds the absolute error that subnormal products can make (same docstring)."""
     eps = EPS[J.dtype]
     lengths = (offsets[1:] - offsets[:-1]).double().view(-1, 1, 1)
     M = path_kernel_reduce_naive(J.double().abs(), w.double().abs(), B.double().abs(), offsets,
                                  alpha=abs(alpha))
     n = J.shape[0] + lengths + 2
-    bound = n * eps * M + 4 * torch.finfo(acc_dtype(J.dtype)).tiny
+    tiny = torch.finfo(acc_dtype(J.dtype)).tiny
+    bound = n * eps * M + 4 * tiny
     if out is not None:
         bound = bound + 2 * eps * out.double().abs()
+    if underflow:
+        two_eta = tiny * eps  # the smallest subnormal of the accumulation dtype
+        sum_B = path_kernel_reduce_naive(torch.ones(1, 1, J.shape[2], dtype=torch.float64),
+                                         torch.ones(1, dtype=torch.float64), B.double().abs(), offsets)  # [G, 1, P]
+        bound = bound + two_eta * (abs(alpha) * (J.shape[0] * sum_B + lengths) + lengths + 1)
     return bound
 
 
@@ -137,5 +181,28 @@ def bad_inputs(dtype=torch.float32):
         (dict(out=torch.zeros(2, 4, 3, dtype=acc).transpose(1, 2)), "out must be contiguous"),
         (dict(B=B.to("meta")), "B is on meta but J is on cpu; all tensors must be on the same device"),
         (dict(out=torch.zeros(2, 3, 4, dtype=acc, device="meta")), "out is on meta but J is on cpu"),
+        (dict(out=torch.zeros(1, 3, 4, dtype=acc).expand(2, 3, 4)), "out has internal overlap"),
     ]
-    return good, cases
+    return good, cases + overlapping_out_cases(J, w, B, good["offsets"])
+
+
+def overlapping_out_cases(J, w, B, offsets):
+    """(argument changes, message) where out shares memory with an input: the very memory, a partial
+    overlap, views of one storage in other dtypes. Every backend must refuse them (out is written
+    while the inputs are read). J, w, B: contiguous, J [2, 3, 10], B [4, 10], offsets [0, 4, 10]."""
+    acc = acc_dtype(J.dtype)
+    J_mem = J.reshape(-1).view(acc)            # J's own memory, read as the accumulation dtype
+    buf = torch.zeros(64, dtype=acc)           # B (dtype of J) at its start, out overlapping its tail
+    B_shared = buf.view(J.dtype)[:B.numel()].view(B.shape).copy_(B)
+    b_end = B.numel() * B.element_size() // buf.element_size()  # where B ends, in buf's elements
+    w_buf = torch.zeros(32, dtype=acc)         # out at [8, 32), w its last two elements
+    offsets_mem = torch.zeros(24, dtype=torch.int64)
+    offsets_shared = offsets_mem[:3].copy_(offsets)
+    return [
+        (dict(out=J_mem[:24].view(2, 3, 4)), "out overlaps J in memory"),
+        (dict(out=J_mem[3:27].view(2, 3, 4)), "out overlaps J in memory"),          # partial
+        (dict(B=B_shared, out=buf[b_end - 4:b_end + 20].view(2, 3, 4)), "out overlaps B in memory"),
+        (dict(w=w_buf[30:32].copy_(w), out=w_buf[8:32].view(2, 3, 4)), "out overlaps w in memory"),
+        (dict(offsets=offsets_shared, out=offsets_mem.view(acc)[:24].view(2, 3, 4)),
+         "out overlaps offsets in memory"),
+    ]

@@ -1,5 +1,6 @@
 // C++ test of the op library (no Python): the dispatcher op against a naive triple loop in double,
-// accumulation into out, bfloat16, and the shared input check's messages. Run by ctest.
+// accumulation into out, bfloat16, the shared input check's messages (overlapping out included),
+// the Inf/NaN semantics of empty sums and alpha, and the accumulate op's autograd refusal. Run by ctest.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -44,14 +45,17 @@ at::Tensor naive(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B, 
 
 at::Tensor offsets_of(std::vector<int64_t> values) { return at::tensor(values, at::kLong); }
 
-std::string error_of(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B, const at::Tensor& off) {
+std::string error_of(const at::Tensor& J, const at::Tensor& w, const at::Tensor& B, const at::Tensor& off,
+                     const std::optional<at::Tensor>& out = std::nullopt) {
   try {
-    explaind_fast::check_path_kernel_inputs(J, w, B, off, std::nullopt);
+    explaind_fast::check_path_kernel_inputs(J, w, B, off, out);
   } catch (const c10::Error& e) {
     return e.what_without_backtrace();
   }
   return "";
 }
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 }  // namespace
 
@@ -97,6 +101,71 @@ int main() {
   auto res = op.call(Jn, w, B, off, 1.0);
   expect(at::isnan(res.select(0, 0).select(0, 2)).all().item().toBool(), "NaN propagates to its group and row");
   expect(at::isfinite(res.select(0, 1)).all().item().toBool(), "NaN stays in its group");
+
+  // out must not share memory with an input, nor with itself (it is accumulated in place).
+  {
+    const int64_t G = 2;
+    auto off2 = offsets_of({0, 4, D});
+    auto base = at::zeros({Q * R * D + G * R * P + 64}, at::kDouble);
+    auto Jv = base.narrow(0, 0, Q * R * D).view({Q, R, D}).copy_(J);
+    auto out_on_J = base.narrow(0, 5, G * R * P).view({G, R, P});  // inside J's memory
+    auto out_tail = base.narrow(0, Q * R * D - 3, G * R * P).view({G, R, P});  // partial: J's last 3
+    auto out_free = base.narrow(0, Q * R * D, G * R * P).view({G, R, P});  // same storage, disjoint
+    expect(contains(error_of(Jv, w, B, off2, out_on_J), "out overlaps J in memory"), "out inside J refused");
+    expect(contains(error_of(Jv, w, B, off2, out_tail), "out overlaps J in memory"), "partial overlap refused");
+    expect(contains(error_of(J, w, B, off2, B.view(-1).narrow(0, 0, G * R * P).view({G, R, P})),
+                    "out overlaps B in memory"), "out on B refused");
+    auto off_mem = at::zeros({G * R * P}, at::kLong);
+    auto off_in_mem = off_mem.narrow(0, 0, 3).copy_(off2);
+    expect(contains(error_of(J, w, B, off_in_mem, off_mem.view(at::kDouble).view({G, R, P})),
+                    "out overlaps offsets in memory"), "out on offsets (another dtype) refused");
+    expect(contains(error_of(J, w, B, off2, at::zeros({1, R, P}, at::kDouble).expand({G, R, P})),
+                    "out has internal overlap"), "expanded out refused");
+    bool raised = false;
+    try {
+      acc_op.call(Jv, w, B, off2, out_on_J, 1.0);
+    } catch (const c10::Error&) {
+      raised = true;
+    }
+    expect(raised, "the accumulate op refuses an overlapping out");
+    acc_op.call(Jv, w, B, off2, out_free, 1.0);
+    expect(at::equal(out_free, naive(J, w, B, off2, 1.0)), "disjoint views of one storage: right result");
+  }
+
+  // Inf/NaN semantics: S = 0 for empty groups and Q = 0, out += alpha * S (alpha = NaN/inf: NaN there).
+  {
+    auto off_e = offsets_of({0, 0, 5, 5, D});
+    auto res = op.call(J, w, B, off_e, NAN);
+    expect(at::isnan(res).all().item().toBool(), "alpha = NaN: NaN everywhere, empty groups included");
+    res = op.call(J.narrow(0, 0, 0), w.narrow(0, 0, 0), B, off_e, INFINITY);
+    expect(at::isnan(res).all().item().toBool(), "Q = 0, alpha = inf: inf * 0 = NaN");
+    res = op.call(J.narrow(0, 0, 0), w.narrow(0, 0, 0), at::full({P, D}, NAN, at::kDouble), off_e, 1.0);
+    expect(at::equal(res, at::zeros_like(res)), "Q = 0: B is not read");
+    auto Jf = at::ones({1, 1, 4}, at::kFloat), wf = at::ones({1}, at::kFloat), Bf = at::ones({1, 4}, at::kFloat);
+    res = op.call(Jf, wf, Bf, offsets_of({0, 4}), 1e300);
+    expect(std::isinf(res.item<float>()) && res.item<float>() > 0, "alpha beyond float32: +inf");
+    wf.fill_(INFINITY);
+    res = op.call(Jf, wf, Bf, offsets_of({0, 0, 4}), 1.0);
+    expect(res[0].item<float>() == 0 && std::isinf(res[1].item<float>()), "w = inf: empty group 0, other +inf");
+  }
+
+  // Autograd: the accumulating form refuses inputs that require grad, and bumps out's version.
+  {
+    auto off2 = offsets_of({0, 4, D});
+    auto out = at::zeros({2, R, P}, at::kDouble);
+    const auto version = out._version();
+    acc_op.call(J, w, B, off2, out, 1.0);
+    expect(out._version() == version + 1, "the accumulate op bumps the version of out");
+    auto Jg = J.clone().set_requires_grad(true);
+    std::string message;
+    try {
+      acc_op.call(Jg, w, B, off2, out, 1.0);
+    } catch (const c10::Error& e) {
+      message = e.what_without_backtrace();
+    }
+    expect(contains(message, "not differentiable") && contains(message, "J requires grad"),
+           "accumulate refuses J that requires grad: " + message);
+  }
 
   if (failures == 0) std::printf("test_path_kernel_reduce: all checks passed\n");
   return failures == 0 ? 0 : 1;
