@@ -221,11 +221,15 @@ class ExplaindCallback(TrainerCallback):
         scaler = getattr(t.accelerator, "scaler", None)
         if scaler is not None:
             kw.setdefault("grad_scaler", scaler)
-        self._tap(train_dataloader)
-        self._collate = getattr(train_dataloader, "collate_fn", None)
-        self.recorder = TrajectoryRecorder(module, torch_opt, self.directory, **kw)
-        self._wrap(t, "compute_loss", self._compute_loss_wrapper(t.compute_loss))
-        self._wrap(t, "training_step", self._training_step_wrapper(t.training_step))
+        try:
+            self._tap(train_dataloader)
+            self._collate = getattr(train_dataloader, "collate_fn", None)
+            self.recorder = TrajectoryRecorder(module, torch_opt, self.directory, **kw)
+            self._wrap(t, "compute_loss", self._compute_loss_wrapper(t.compute_loss))
+            self._wrap(t, "training_step", self._training_step_wrapper(t.training_step))
+        except BaseException:
+            self.close()
+            raise
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()

@@ -136,6 +136,13 @@ def _grad_stats(g: torch.Tensor) -> torch.Tensor:
                         g.sum(dtype=_F64)])
 
 
+def _stack_cpu(rows: List[torch.Tensor]) -> torch.Tensor:
+    """Stack [3] statistics on the CPU with one device-to-host copy per device."""
+    if len({r.device for r in rows}) == 1:
+        return torch.stack(rows).to("cpu")
+    return torch.stack([r.to("cpu") for r in rows])
+
+
 _SCALER_CODES = None
 
 
@@ -709,8 +716,8 @@ class TrajectoryRecorder:
             which.append(i)
         if not which:
             return self._clip
-        bwd = torch.stack([r.to("cpu") for r in rows]) * self._clip
-        now = torch.stack([r.to("cpu") for r in now_rows])
+        bwd = _stack_cpu(rows) * self._clip
+        now = _stack_cpu(now_rows)
         eps = torch.tensor([torch.finfo(self._params[i].grad.dtype).eps for i in which],
                            dtype=_F64)
         numel = torch.tensor([float(self._params[i].numel()) for i in which], dtype=_F64)
