@@ -104,8 +104,11 @@ setup(
     extras_require={
         # the demos' figures and scikit-learn's bundled 8×8 digits
         "demos": DEMOS,
+        # explaind_fast.integrations.huggingface (the Trainer needs accelerate)
+        "huggingface": ["transformers", "accelerate>=1.1.0"],
         # the test suite runs the demos' smoke tests and checks the layer contract
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "import-linter>=2.1", "transformers"] + DEMOS,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "import-linter>=2.1", "transformers",
+                 "accelerate>=1.1.0"] + DEMOS,
     },
     zip_safe=False,
 )

@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["model", "optim", "store", "recording", "quadrature", "attribution", "ops", "testing",
-          "demos"]
+          "demos", "integrations"]
 
 
 def test_import_contracts_kept():

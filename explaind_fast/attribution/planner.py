@@ -33,7 +33,9 @@ class Plan:
     mode_reason: why the mode was forced ("" when chosen by cost or by the caller), e.g. reverse
         mode because an op of the model has no forward-mode derivative;
     per_sample: how per-sample functions run: "vmap", or "loop (…)" with vmap's reason when the
-        model has data-dependent control flow (a Hugging Face attention-mask check).
+        model has data-dependent control flow (a Hugging Face attention-mask check);
+    buffers: which buffers the model is evaluated with (the trajectory's recorded ones, and
+        which of the given model's differ; problem.py).
     """
 
     mode: str
@@ -47,6 +49,7 @@ class Plan:
     attention: str = ""
     mode_reason: str = ""
     per_sample: str = "vmap"
+    buffers: str = ""
 
     def to_dict(self):
         return asdict(self)

@@ -114,6 +114,44 @@ def check_modules(model: nn.Module, per_sample_data: bool) -> None:
                                 "in train mode the model is random; call model.eval()"))
 
 
+def recorded_buffers(model: nn.Module, traj):
+    """(the trajectory's final buffers to evaluate the model with, or None; the plan's text).
+
+    The model's own buffers (BatchNorm running statistics, masks, counters) are replaced by the
+    recorded final values, so that a freshly built module gives the numbers of the trained one;
+    buffers the trajectory does not record (a trajectory from before buffers were stored, or a
+    buffer of another dtype) are the model's. The text names the model's buffers that differ
+    from the recorded ones (they are not used) and the buffers that changed during training
+    (every step is evaluated with their final value)."""
+    names = tuple(getattr(traj, "buffer_names", ()) or ())
+    if not names:
+        return None, "the model's own (the trajectory records no buffers)"
+    recorded = traj.buffers()
+    have = {_in.canonical_name(k): b for k, b in model.named_buffers()}
+    differ, missing = [], []
+    for n in names:
+        b = have.get(n)
+        if b is None:
+            missing.append(n)
+            continue
+        r = recorded[n]
+        if tuple(b.shape) != tuple(r.shape) or not torch.equal(b.detach().to("cpu", r.dtype), r):
+            differ.append(n)
+    text = f"recorded final values of {len(names)} buffers"
+    if differ:
+        text += (f"; the given model's {', '.join(repr(n) for n in differ[:4])}"
+                 + (f" (+{len(differ) - 4})" if len(differ) > 4 else "")
+                 + " differ from them and are not used (a freshly built or reset module?)")
+    if missing:
+        text += f"; not in the model: {', '.join(repr(n) for n in missing[:4])}"
+    changed = tuple(getattr(traj, "buffers_changed", ()) or ())
+    if changed:
+        text += (f"; changed during training: {', '.join(repr(n) for n in changed[:4])}"
+                 + (f" (+{len(changed) - 4})" if len(changed) > 4 else "")
+                 + " (every step is evaluated with the final values)")
+    return {n: recorded[n] for n in names if n not in missing}, text
+
+
 def activation_count(model, call):
     """Numbers in all module outputs of one forward pass (activation estimate for the planner),
     and the call's result."""
@@ -258,7 +296,8 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     if credit == "gradient" and mode == "forward":
         raise ValueError("credit='gradient' (the backward recursion) runs in reverse mode only")
 
-    fm = FunctionalModel(model, layout, dtype, device, output=model_output)
+    recorded, buffers_text = recorded_buffers(model, traj)
+    fm = FunctionalModel(model, layout, dtype, device, output=model_output, buffers=recorded)
     tf = TestFunction(fm, X, test_targets, out_spec.h)
     theta0 = traj.theta(0, dtype=dtype, device=device)
     seen = _att.AttentionProbe()
@@ -313,6 +352,7 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     plan.attention = _att.describe(seen.seen)
     plan.mode_reason = mode_reason
     plan.per_sample = per_sample
+    plan.buffers = buffers_text
     budget = plan.memory_budget
     S = len(windows.bounds)
     result_bytes = itemsize * (S * G * (P + 1) * M * K + traj.num_steps * M * K)

@@ -6,13 +6,14 @@
 Inputs follow the calling convention of :mod:`.inputs` (a tensor x -> model(x), a tuple ->
 model(*x), a dict -> model(**x), every tensor batched on dim 0) and the output tensor is selected
 from what the model returns (tensor, tuple or ModelOutput; ``output="logits"`` by default).
-Frozen parameters and buffers are taken from the module (floating ones cast to ``dtype``); the
+Frozen parameters and buffers are taken from the module (floating ones cast to ``dtype``), buffers
+from ``buffers`` instead where given (a trajectory's recorded buffers, by canonical name); the
 trainable ones come from θ through :meth:`ParamLayout.unflatten` (views, no copy). A
 torch.compile'd module is evaluated through its plain module (:func:`.inputs.unwrap_compiled`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Dict, Optional
 
 import torch
 from torch.func import functional_call
@@ -33,18 +34,21 @@ class FunctionalModel:
     """
 
     def __init__(self, model: torch.nn.Module, layout: ParamLayout, dtype=None, device=None,
-                 output: _in.OutputKey = "logits"):
+                 output: _in.OutputKey = "logits", buffers: Optional[Dict[str, torch.Tensor]] = None):
         model = _in.unwrap_compiled(model)
         _in.check_output_key(output)
         self.model, self.layout, self.output = model, layout, output
         trainable = set(layout.names)
         self.base = {}
         self.actual = {}          # layout (canonical) name -> the module's own parameter name
+        buffer_names = {k for k, _ in model.named_buffers()}
         for k, v in list(model.named_parameters()) + list(model.named_buffers()):
             c = _in.canonical_name(k)
             if c in trainable:
                 self.actual[c] = k
                 continue
+            if buffers is not None and k in buffer_names and c in buffers:
+                v = buffers[c]
             v = v.detach()
             if device is not None:
                 v = v.to(device)

@@ -25,9 +25,26 @@ sums L_k = Σ_t ℓ_{k,t} (``causal_lm_loss``, reduction "sum") and w_k = 1/N fo
               output="loss", data="sample")
 
 (Hugging Face's own loss upcasts the logits to float32, ``logits.float()``, so a float64 run that
-trains with ``model(..., labels=labels).loss`` records float32-rounded gradients; compute the same
-loss with :func:`causal_lm_loss` for an exact float64 record.) Reduction "mean" (per-sequence mean
-over its tokens, weights 1/B) is the other common objective, the mean of per-sequence means.
+trains with ``model(..., labels=labels).loss`` records float32-rounded gradients, which recomputed
+gradients match only to ~1e-7; compute the same loss with :func:`causal_lm_loss` for an exact
+float64 record — with the Trainer, ``compute_loss_func=explaind_fast.integrations.huggingface.
+causal_lm_trainer_loss``. A float32 run loses nothing: the upcast is then the identity.) Reduction
+"mean" (per-sequence mean over its tokens, weights 1/B) is the other common objective, the mean of
+per-sequence means.
+
+**Gradient accumulation.** The weights are those of the loss that is backpropagated, summed over
+the micro-batches of the step (``set_batch`` once per micro-batch accumulates them):
+
+* Hugging Face's per-token mean over the *whole step* (the Trainer's ``num_items_in_batch``): every
+  sequence of every micro-batch weighs 1/N, N the predicted tokens of all micro-batches —
+  ``causal_lm_batch_weights(micro_targets, num_items=N)``;
+* a per-token mean per micro-batch divided by the number of micro-batches k —
+  ``causal_lm_batch_weights(micro_targets)`` with ``set_batch(..., scale=1/k)``.
+
+**Masked language models** (BERT's MLM head; logits [B, T, V], labels [B, T] with −100 except at
+the masked positions): :func:`masked_lm_loss`, the per-sequence sum over its masked positions (no
+shift); ``torch.nn.CrossEntropyLoss()`` over a batch (BertForMaskedLM's own loss) is Σ_k w_k·L_k
+with w_k = 1/(masked tokens of the batch), :func:`masked_lm_batch_weights`.
 """
 from __future__ import annotations
 
@@ -107,13 +124,63 @@ def causal_lm_token_count(targets, ignore_index: int = IGNORE_INDEX) -> torch.Te
     return _causal_valid(labels, mask, ignore_index)[1].sum(1)
 
 
-def causal_lm_batch_weights(targets, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def causal_lm_batch_weights(targets, ignore_index: int = IGNORE_INDEX,
+                            num_items=None) -> torch.Tensor:
     """The ``set_batch`` weights that make Σ_k w_k·causal_lm_loss_k (reduction "sum") the mean over
     all predicted tokens of the batch, as Hugging Face computes it: 1/N for every sequence, N the
-    batch's predicted tokens. float64 [B]."""
-    n = int(causal_lm_token_count(targets, ignore_index).sum())
+    batch's predicted tokens — or ``num_items`` when given (the tokens of all micro-batches of an
+    accumulated step, the Trainer's ``num_items_in_batch``). float64 [B]."""
     labels, _ = labels_and_mask(targets)
-    if n == 0:
-        raise ValueError("causal_lm_batch_weights: the batch has no predicted token (every label "
-                         "is ignored or masked)")
-    return torch.full((labels.shape[0],), 1.0 / n, dtype=torch.float64)
+    return _uniform(labels.shape[0], causal_lm_token_count(targets, ignore_index), num_items,
+                    "causal_lm_batch_weights")
+
+
+def _uniform(B: int, counts: torch.Tensor, num_items, who: str) -> torch.Tensor:
+    n = int(counts.sum()) if num_items is None else float(num_items)
+    if n <= 0:
+        raise ValueError(f"{who}: the batch has no predicted token (every label is ignored or "
+                         "masked)" if num_items is None else f"{who}: num_items must be > 0")
+    return torch.full((B,), 1.0 / n, dtype=torch.float64)
+
+
+def _masked_valid(labels, mask, ignore_index):
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & (mask != 0)
+    return valid
+
+
+def masked_lm_loss(outputs, targets, reduction: str = "sum", ignore_index: int = IGNORE_INDEX):
+    """Masked-LM loss per sequence (no shift): logits [B, T, V], labels [B, T] (−100 except at the
+    predicted positions; or a ``{"labels", "attention_mask"}`` Mapping) -> [B], the sum (or
+    "mean") of the cross-entropy over the sequence's predicted positions."""
+    labels, mask = labels_and_mask(targets)
+    if outputs.dim() != 3 or labels.dim() != 2 or outputs.shape[:2] != labels.shape:
+        raise ValueError(f"masked LM losses need logits [B, T, V] and labels [B, T]; got logits "
+                         f"{tuple(outputs.shape)} and labels {tuple(labels.shape)}")
+    B, T, V = outputs.shape
+    valid = _masked_valid(labels, mask, ignore_index)
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    ce = F.cross_entropy(outputs.reshape(B * T, V), safe.reshape(-1),
+                         reduction="none").reshape(B, T)
+    tok = torch.where(valid, ce, torch.zeros_like(ce))
+    if reduction == "sum":
+        return tok.sum(1)
+    if reduction == "mean":
+        return tok.sum(1) / valid.sum(1).clamp_min(1).to(tok.dtype)
+    raise ValueError(f"masked_lm_loss: reduction={reduction!r}, expected 'sum' or 'mean'")
+
+
+def masked_lm_token_count(targets, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Predicted (masked, not ignored) tokens per sequence, int64 [B]."""
+    labels, mask = labels_and_mask(targets)
+    return _masked_valid(labels, mask, ignore_index).sum(1)
+
+
+def masked_lm_batch_weights(targets, ignore_index: int = IGNORE_INDEX,
+                            num_items=None) -> torch.Tensor:
+    """1/N per sequence, N the batch's predicted tokens (or ``num_items``): Σ_k w_k·masked_lm_loss_k
+    is then the mean over the batch's predicted tokens (``torch.nn.CrossEntropyLoss()``)."""
+    labels, _ = labels_and_mask(targets)
+    return _uniform(labels.shape[0], masked_lm_token_count(targets, ignore_index), num_items,
+                    "masked_lm_batch_weights")

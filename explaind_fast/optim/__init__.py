@@ -10,12 +10,14 @@ May import: :mod:`explaind_fast.model`. Never imports: store, recording, quadrat
 ops (nothing that reads files, evaluates models or contracts tensors).
 """
 from .recursion import (BackwardRecursion, MomentRecursion, RegRecursion, gradient_from_moments,
-                        implied_gradient, implied_moment, moment_from_update, phi_all_from_update)
+                        identity_defect_parts, implied_gradient, implied_moment, moment_from_update,
+                        phi_all_from_update)
 from .rules import RULES, OptimizerRule, StepCoefficients, StepRecord, make_rule
 from .torch_optim import check_group_settings, constant_hyper, optimizer_kind
 
 __all__ = ["StepRecord", "StepCoefficients", "OptimizerRule", "RULES", "make_rule",
            "RegRecursion", "MomentRecursion", "BackwardRecursion", "phi_all_from_update",
            "moment_from_update", "gradient_from_moments", "implied_moment", "implied_gradient",
+           "identity_defect_parts",
            "optimizer_kind",
            "check_group_settings", "constant_hyper"]

@@ -85,38 +85,72 @@ def phi_all_from_update(delta: torch.Tensor, r: torch.Tensor,
     return torch.sub(-delta, r, out=out)
 
 
-def moment_from_update(c: StepCoefficients, delta: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """E_s = −(Δ_s + reg_scale⊙R_s)/scale (the data part of the first moment, from the identity)."""
-    return -(delta + c.reg_scale * R) / c.scale
+def _inactive_fill(c: StepCoefficients, value: torch.Tensor, fill) -> torch.Tensor:
+    """``value`` on the active coordinates, ``fill`` (a tensor, or 0 when None) on the inactive."""
+    if c.active is None:
+        return value
+    if fill is None:
+        fill = torch.zeros((), dtype=value.dtype, device=value.device)
+    return torch.where(c.active, value, fill.to(value) if torch.is_tensor(fill) else fill)
+
+
+def _safe(den: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
+    """A divisor with 1 on the inactive coordinates (whose quotient is replaced anyway)."""
+    return den if c.active is None else torch.where(c.active, den, torch.ones_like(den))
+
+
+def moment_from_update(c: StepCoefficients, delta: torch.Tensor, R: torch.Tensor,
+                       E_prev: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """E_s = −(Δ_s + reg_scale⊙R_s)/scale (the data part of the first moment, from the identity);
+    on coordinates inactive at this step E_s = E_{s−1} (``E_prev``; 0 when None)."""
+    return _inactive_fill(c, -(delta + c.reg_scale * R) / _safe(c.scale, c), E_prev)
 
 
 def gradient_from_moments(c: StepCoefficients, E: torch.Tensor, E_prev: torch.Tensor) -> torch.Tensor:
-    """G_s = (E_s − decay⊙E_{s−1})/gain (the batch gradient implied by two consecutive moments)."""
-    return (E - c.decay * E_prev) / c.gain
+    """G_s = (E_s − decay⊙E_{s−1})/gain (the batch gradient implied by two consecutive moments);
+    0 on inactive coordinates (torch used no gradient there)."""
+    return _inactive_fill(c, (E - c.decay * E_prev) / _safe(c.gain, c), None)
 
 
 def implied_moment(rule, c: StepCoefficients, delta: torch.Tensor, theta_s: torch.Tensor,
-                   stored: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   stored: Optional[torch.Tensor] = None,
+                   m_prev: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The first moment torch holds after step s (exp_avg / momentum buffer), as the recorded update
     implies it: ``stored`` when the store has it, else solved from the step identity.
 
     Every supported rule's regularisation recursion is either memoryless (reg_decay = 0, R_s =
     reg_gain⊙θ_s: AdamW) or flows through the moment itself (reg_decay = decay, reg_scale = scale:
     Adam-L2, SGD), so θ_s and Δ_s suffice: m_s = −Δ_s/scale, resp. −(Δ_s + reg_scale⊙reg_gain⊙θ_s)/scale.
-    Where scale = 0 (lr = 0) the update does not determine m; the recorder stores it then.
+    Where scale = 0 (lr = 0) the update does not determine m; the recorder stores it then. On
+    coordinates inactive at step s (no gradient: torch left the moment alone) m_s = ``m_prev``
+    (0 when None).
     """
     if stored is not None:
         return stored.to(delta)
     if rule.moment_includes_reg:
-        return -delta / c.scale
-    return -(delta + c.reg_scale * c.reg_gain * theta_s) / c.scale
+        m = -delta / _safe(c.scale, c)
+    else:
+        m = -(delta + c.reg_scale * c.reg_gain * theta_s) / _safe(c.scale, c)
+    return _inactive_fill(c, m, m_prev)
 
 
 def implied_gradient(rule, c: StepCoefficients, m: torch.Tensor, m_prev: torch.Tensor,
                      theta_s: torch.Tensor) -> torch.Tensor:
     """The batch gradient G_s = Σ_k w_k ∇L_k(θ_s) that two consecutive first moments (from
-    :func:`implied_moment`; m_prev = 0 before the first step) imply."""
-    g = (m - c.decay * m_prev) / c.gain
+    :func:`implied_moment`; m_prev = 0 before the first step) imply; 0 on inactive coordinates."""
+    g = (m - c.decay * m_prev) / _safe(c.gain, c)
     if rule.moment_includes_reg:
-        g = g - (c.reg_gain / c.gain) * theta_s
-    return g
+        g = g - (c.reg_gain / _safe(c.gain, c)) * theta_s
+    return _inactive_fill(c, g, None)
+
+
+def identity_defect_parts(rule, c: StepCoefficients, G: torch.Tensor, m: torch.Tensor,
+                          theta_s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The step identity residual of step s in update units, split as ρ_s = base + coef⊙m_prev:
+    ρ_s = scale⊙gain⊙(G − implied_gradient(m, m_prev)) without any division (0 on inactive
+    coordinates, where gain = scale = 0), with m_prev the moment after the coordinate's previous
+    *active* step (0 before its first). Returns (base, coef)."""
+    base = c.scale * c.gain * G.to(m) - c.scale * m
+    if rule.moment_includes_reg:
+        base = base + c.scale * c.reg_gain * theta_s
+    return base, c.scale * c.decay

@@ -18,6 +18,19 @@ with E_{-1} = R_{-1} = 0 and G_s = Σ_{k∈B_s} w_{s,k} ∇θ L_k(θ_s) (w inclu
 where t = step_count (torch's counter, s+1 for an uninterrupted run) and
 d_s = sqrt(v_{s+1}/(1−β2^t)) + ε. Adding an optimizer is one new subclass here (and its torch class
 in :mod:`.torch_optim`).
+
+**Parameters without a gradient at a step** (an unused table, a head used on some steps, a
+branch). torch's AdamW, Adam and SGD skip such a tensor entirely: no update, no weight decay, its
+moments and (Adam) its own step counter untouched, so per-tensor step counts can differ. A
+:class:`StepRecord` lists them in ``inactive`` (tensor indices of the layout) and carries the
+per-tensor counts in ``tensor_step_counts`` when they differ from ``step_count``; the
+coefficients of an inactive coordinate are then
+
+    decay 1, gain 0, scale 0;   reg: decay 1, gain 0, scale 0   (AdamW's memoryless reg: decay 0)
+
+so E and R carry over unchanged (torch's moments), Φ_s = r_s = 0 there and the identity holds with
+Δ_s = 0. ``StepCoefficients.active`` is the [D] mask (None when every tensor is active); the
+helpers of :mod:`.recursion` use it where a coefficient would be divided by (no 0/0).
 """
 from __future__ import annotations
 
@@ -43,6 +56,11 @@ class StepRecord:
         clip_factor: the gradient-clipping scale of this step (1.0 when not clipped).
         exp_avg_sq: v_{s+1}, the second moment *after* the update (AdamW/Adam), else None.
         exp_avg: m_{s+1} when stored (subsampled checkpoints), else None.
+        inactive: layout indices of the tensors that had no gradient at this step (torch skipped
+            them: no update, no decay, moments and step counter untouched); () when all active.
+        tensor_step_counts: Adam-type: torch's per-tensor step counter after this step, one per
+            tensor of the layout (0 for a tensor never stepped yet), when some differ from
+            ``step_count``; None when all equal it.
     """
 
     index: int
@@ -54,6 +72,8 @@ class StepRecord:
     clip_factor: float = 1.0
     exp_avg_sq: Optional[torch.Tensor] = None
     exp_avg: Optional[torch.Tensor] = None
+    inactive: Sequence[int] = ()
+    tensor_step_counts: Optional[Sequence[int]] = None
 
     @property
     def weights(self) -> Optional[torch.Tensor]:
@@ -65,7 +85,9 @@ class StepRecord:
 
 @dataclass
 class StepCoefficients:
-    """Per-coordinate [D] vectors of the two recursions for one step (see module docstring)."""
+    """Per-coordinate [D] vectors of the two recursions for one step (see module docstring).
+    ``active``: bool [D], False on the coordinates of tensors torch skipped at this step (no
+    gradient); None when every coordinate is active."""
 
     decay: torch.Tensor
     gain: torch.Tensor
@@ -73,6 +95,7 @@ class StepCoefficients:
     reg_decay: torch.Tensor
     reg_gain: torch.Tensor
     reg_scale: torch.Tensor
+    active: Optional[torch.Tensor] = None
 
 
 class OptimizerRule:
@@ -93,6 +116,50 @@ class OptimizerRule:
 
     def _vec(self, values: Sequence[float], dtype, device) -> torch.Tensor:
         return self.layout.expand(values, dtype=dtype, device=device)
+
+    def active_mask(self, rec: StepRecord, device=None) -> Optional[torch.Tensor]:
+        """bool [D]: False on the coordinates of the tensors inactive at this step (None: all
+        active)."""
+        inactive = tuple(rec.inactive or ())
+        if not inactive:
+            return None
+        n = len(self.layout.names)
+        flags = [True] * n
+        for t in inactive:
+            flags[int(t)] = False
+        return torch.repeat_interleave(torch.tensor(flags, device=device),
+                                       torch.tensor(self.layout.numels, device=device))
+
+    def bias_correction(self, beta: torch.Tensor, rec: StepRecord) -> torch.Tensor:
+        """1 − β^t per coordinate, t = the step count (per tensor when ``rec.tensor_step_counts``
+        is given: the same pow with a scalar exponent per distinct count, so that equal counts
+        give bit-identical coefficients)."""
+        if rec.tensor_step_counts is None:
+            return 1 - torch.pow(beta, float(rec.step_count))
+        counts = torch.repeat_interleave(
+            torch.tensor([int(t) for t in rec.tensor_step_counts], device=beta.device),
+            torch.tensor(self.layout.numels, device=beta.device))
+        out = torch.empty_like(beta)
+        for t in sorted({int(t) for t in rec.tensor_step_counts}):
+            sel = counts == t
+            out[sel] = 1 - torch.pow(beta[sel], float(t))
+        return out
+
+    @staticmethod
+    def _masked(c: StepCoefficients, active: Optional[torch.Tensor],
+                reg_decay_inactive: float = 1.0) -> StepCoefficients:
+        """Inactive coordinates: decay 1, gain 0, scale 0; reg decay ``reg_decay_inactive`` (1 for
+        a recursing regularisation, 0 for a memoryless one), gain 0, scale 0 (torch.where: a
+        NaN/inf of the inactive tensor's bias correction never leaks)."""
+        if active is None:
+            return c
+        one, zero = torch.ones_like(c.decay), torch.zeros_like(c.decay)
+        return StepCoefficients(
+            decay=torch.where(active, c.decay, one), gain=torch.where(active, c.gain, zero),
+            scale=torch.where(active, c.scale, zero),
+            reg_decay=torch.where(active, c.reg_decay, one * reg_decay_inactive),
+            reg_gain=torch.where(active, c.reg_gain, zero),
+            reg_scale=torch.where(active, c.reg_scale, zero), active=active)
 
     def coefficients(self, rec: StepRecord, dtype=torch.float64, device=None) -> StepCoefficients:
         raise NotImplementedError
@@ -129,21 +196,28 @@ class AdamWRule(OptimizerRule):
         b2 = self._vec([h["betas"][1] for h in self.hyper], dtype, device)
         eps = self._vec([h["eps"] for h in self.hyper], dtype, device)
         lr = self._vec(rec.lr, dtype, device)
-        t = float(rec.step_count)
         v = rec.exp_avg_sq.to(device=device, dtype=dtype)
-        d = torch.sqrt(v / (1 - b2 ** t)) + eps
-        return b1, lr / ((1 - b1 ** t) * d)
+        d = torch.sqrt(v / self.bias_correction(b2, rec)) + eps
+        return b1, lr / (self.bias_correction(b1, rec) * d)
 
     def coefficients(self, rec, dtype=torch.float64, device=None):
         b1, scale = self._adam_scale(rec, dtype, device)
-        reg_decay, reg_gain, reg_scale = self.reg_coefficients(rec, dtype, device)
-        return StepCoefficients(decay=b1, gain=1 - b1, scale=scale,
-                                reg_decay=reg_decay, reg_gain=reg_gain, reg_scale=reg_scale)
+        lr = self._vec(rec.lr, dtype, device)
+        wd = self._vec(rec.weight_decay, dtype, device)
+        c = StepCoefficients(decay=b1, gain=1 - b1, scale=scale, reg_decay=torch.zeros_like(lr),
+                             reg_gain=torch.ones_like(lr), reg_scale=lr * wd)
+        return self._masked(c, self.active_mask(rec, device), reg_decay_inactive=0.0)
 
     def reg_coefficients(self, rec, dtype=torch.float64, device=None):
         lr = self._vec(rec.lr, dtype, device)
         wd = self._vec(rec.weight_decay, dtype, device)
-        return torch.zeros_like(lr), torch.ones_like(lr), lr * wd
+        reg_decay, reg_gain, reg_scale = torch.zeros_like(lr), torch.ones_like(lr), lr * wd
+        active = self.active_mask(rec, device)
+        if active is not None:
+            zero = torch.zeros_like(lr)
+            reg_gain = torch.where(active, reg_gain, zero)
+            reg_scale = torch.where(active, reg_scale, zero)
+        return reg_decay, reg_gain, reg_scale
 
 
 class AdamL2Rule(AdamWRule):
@@ -166,8 +240,9 @@ class AdamL2Rule(AdamWRule):
     def coefficients(self, rec, dtype=torch.float64, device=None):
         b1, scale = self._adam_scale(rec, dtype, device)
         wd = self._vec(rec.weight_decay, dtype, device)
-        return StepCoefficients(decay=b1, gain=1 - b1, scale=scale,
-                                reg_decay=b1, reg_gain=(1 - b1) * wd, reg_scale=scale)
+        c = StepCoefficients(decay=b1, gain=1 - b1, scale=scale,
+                             reg_decay=b1, reg_gain=(1 - b1) * wd, reg_scale=scale)
+        return self._masked(c, self.active_mask(rec, device))
 
 
 class SGDMomentumRule(OptimizerRule):
@@ -180,8 +255,9 @@ class SGDMomentumRule(OptimizerRule):
         mu = self._vec([h.get("momentum", 0.0) for h in self.hyper], dtype, device)
         lr = self._vec(rec.lr, dtype, device)
         wd = self._vec(rec.weight_decay, dtype, device)
-        return StepCoefficients(decay=mu, gain=torch.ones_like(lr), scale=lr,
-                                reg_decay=mu, reg_gain=wd, reg_scale=lr)
+        c = StepCoefficients(decay=mu, gain=torch.ones_like(lr), scale=lr,
+                             reg_decay=mu, reg_gain=wd, reg_scale=lr)
+        return self._masked(c, self.active_mask(rec, device))
 
 
 RULES = {r.kind: r for r in (AdamWRule, AdamL2Rule, SGDMomentumRule)}

@@ -6,14 +6,20 @@ A trajectory is a directory::
                              format name/version, parameter layout (names, shapes, dtypes, param
                              group of each tensor, in flat order), optimizer kind, class and constant
                              hyperparameters per group (betas, eps / momentum), checkpoint_every,
-                             dataset_size, storage dtype, the sha256 of theta_0.safetensors, and
-                             its own checksum (``sha256`` of its other fields, canonical JSON).
-    theta_0.safetensors      θ_0, flat [D].
+                             dataset_size, storage dtype, the model's buffers
+                             (``model_buffers``: names, shapes, dtypes; optional), the sha256 of
+                             theta_0.safetensors, and its own checksum (``sha256`` of its other
+                             fields, canonical JSON).
+    theta_0.safetensors      θ_0, flat [D]; the initial buffers as ``model_buffer.<name>``.
     steps.jsonl              append-only log, one line per *stored* update s = 0..N-1:
                              ``<json>\\t<crc32 of json>``; the json names the tensor file of the
                              step with its sha256 and size and holds the scalars of every raw
                              optimizer step inside the update (index, step_count, lr and
-                             weight_decay per group, clip_factor, batch size).
+                             weight_decay per group, clip_factor, batch size; optional:
+                             ``inactive``, the layout indices of the tensors without a gradient,
+                             and ``tensor_step_counts``, torch's per-tensor counters where they
+                             differ from step_count) and, optional, ``buffers_changed``: the
+                             buffers stored in the step's file.
     step_00000000.safetensors  tensors of stored update s: ``theta`` = θ_{s+1} (flat [D]),
                              ``exp_avg_sq`` = v_{s+1} (Adam-type), ``exp_avg`` = the optimizer's
                              first moment after the update (torch's exp_avg; for SGD the momentum
@@ -21,7 +27,9 @@ A trajectory is a directory::
                              ``batch_indices.{j}`` (int32 when every index fits, else int64) and
                              ``batch_weights.{j}`` (float64; omitted when all weights are equal,
                              the log then holds the value as ``uniform_weight``, exactly) of the
-                             j-th raw step of the update. Read back as int64 / float64.
+                             j-th raw step of the update, and ``model_buffer.<name>`` for every
+                             buffer in ``buffers_changed`` (its value after the update, its own
+                             dtype). Read back as int64 / float64.
 
 Why safetensors (and not .npy): one file per stored update holds all its tensors, so publishing a
 step is a single atomic rename; ``safe_open`` memory-maps the file and materialises only the tensor

@@ -23,10 +23,10 @@ from . import _fs
 from .format import FORMAT_NAME, FORMAT_VERSION, INIT_FILE, LOG, MANIFEST, MAX_HEADER_BYTES, \
     MAX_LOG_LINE_BYTES, MAX_MANIFEST_BYTES, CorruptTrajectoryError
 from .replay import VerifyReport, verify
-from .schema import ST_CODE, ST_DTYPES, TensorInfo, Where, parse_header, parse_json, \
-    validate_entry, validate_entry_context, validate_manifest
+from .schema import BUFFER_PREFIX, ST_CODE, ST_DTYPES, TensorInfo, Where, parse_header, \
+    parse_json, validate_entry, validate_entry_context, validate_manifest
 
-_RESERVED = ("theta", "exp_avg_sq", "exp_avg")   # names with a meaning; "batch_*" too
+_RESERVED = ("theta", "exp_avg_sq", "exp_avg")   # names with a meaning; "batch_*", "model_buffer.*" too
 
 
 def _refused(path: str, what: str, e: _fs.UnsafeEntry) -> CorruptTrajectoryError:
@@ -137,9 +137,13 @@ class Trajectory:
         traj.theta(s, dtype=None, device=None) -> [D] θ_s, s in 0..N
         traj.step(s) -> StepRecord of stored update s (θ_s → θ_{s+1}), s in 0..N-1
         traj.raw_steps(s) -> StepRecords of the raw optimizer steps inside stored update s
+        traj.buffer_names, traj.buffers(s=None) -> {name: tensor} the model's buffers at state s
+        (default: the last), traj.buffers_changed -> names of the buffers that changed in training
 
     With k = 1 a StepRecord carries the batch (indices, weights), clip factor, lr, weight decay,
-    step count and v_{s+1}; exp_avg is None unless the first moment was stored. With k > 1 the
+    step count, the tensors without a gradient at that step (``inactive``) and their per-tensor
+    step counts where they differ, and v_{s+1}; exp_avg is None unless the first moment was
+    stored. Trajectories recorded before buffers were stored have ``buffer_names == ()``. With k > 1 the
     update spans several raw steps: ``step(s)`` carries lr / weight decay / step count of its last
     raw step, v and the first moment after it, and no batch (see ``raw_steps(s)``).
     Memory: reading a step materialises only the tensors asked for (each [D] or [B]).
@@ -168,10 +172,16 @@ class Trajectory:
         self.dataset_size: Optional[int] = manifest.get("dataset_size")
         self.dtype: torch.dtype = getattr(torch, manifest["dtype"])
         self._store_first_moment = bool(manifest.get("store_first_moment", False))
+        buffers = manifest.get("model_buffers") or {"names": [], "shapes": [], "dtypes": []}
+        self.buffer_names: Tuple[str, ...] = tuple(buffers["names"])
+        self._buffer_info = {n: (tuple(sh), dt) for n, sh, dt in
+                             zip(buffers["names"], buffers["shapes"], buffers["dtypes"])}
         log = os.path.join(directory, LOG)
         for s, e in enumerate(entries):
             validate_entry_context(e, Where(log, line=s + 1), len(self.hyper),
-                                   self.checkpoint_every)
+                                   self.checkpoint_every, num_tensors=len(self.layout.names),
+                                   buffer_names=self.buffer_names,
+                                   second_moment=self.rule.has_second_moment)
         self._files: Dict[Optional[int], _FileState] = {}
         self._dir_fd = dir_fd if dir_fd is not None else _open_dir(directory)
 
@@ -337,6 +347,13 @@ class Trajectory:
         D, code = self.layout.D, ST_CODE[str(self.dtype).replace("torch.", "")]
         expected: Dict[str, Tuple[Tuple[str, ...], Tuple[int, ...]]] = {"theta": ((code,), (D,))}
         required = {"theta"}
+        # recorded buffers: all of them in θ_0's file, the changed ones in a step's file
+        changed = self.buffer_names if s is None else (self._entries[s].get("buffers_changed")
+                                                        or ())
+        for name in changed:
+            shape, dt = self._buffer_info[name]
+            expected[BUFFER_PREFIX + name] = ((ST_CODE[dt],), shape)
+            required.add(BUFFER_PREFIX + name)
         if s is not None:
             raw_steps = self._entries[s]["raw"]
             expected["exp_avg"] = ((code,), (D,))
@@ -361,7 +378,8 @@ class Trajectory:
                 if t.code not in codes or t.shape != shape:
                     w.at(name).fail(f"expected {' or '.join(codes)} of shape {list(shape)}, got "
                                     f"{t.code} of shape {list(t.shape)}")
-            elif name in _RESERVED or name.startswith("batch_"):
+            elif name in _RESERVED or name.startswith("batch_") or \
+                    name.startswith(BUFFER_PREFIX):
                 w.at(name).fail("not expected in this file (checkpoint_every, the optimizer or the "
                                 "log line says otherwise)")
             # any other name: a field of a later version of the format, never read
@@ -453,8 +471,16 @@ class Trajectory:
         t = self._read(s, keys)
         return [StepRecord(index=r["index"], step_count=r["step_count"], lr=list(r["lr"]),
                            weight_decay=list(r["weight_decay"]),
-                           clip_factor=float(r["clip_factor"]), **self._batch(t, r, j))
+                           clip_factor=float(r["clip_factor"]), **self._batch(t, r, j),
+                           **self._activity(r))
                 for j, r in enumerate(raw)]
+
+    @staticmethod
+    def _activity(r: dict) -> dict:
+        """StepRecord fields of the tensors without a gradient (absent: every tensor active)."""
+        counts = r.get("tensor_step_counts")
+        return {"inactive": tuple(r.get("inactive") or ()),
+                "tensor_step_counts": None if counts is None else tuple(counts)}
 
     @staticmethod
     def _batch(t: Dict[str, torch.Tensor], r: dict, j: int) -> Dict[str, torch.Tensor]:
@@ -479,7 +505,39 @@ class Trajectory:
         return StepRecord(index=s, step_count=last["step_count"], lr=list(last["lr"]),
                           weight_decay=list(last["weight_decay"]),
                           clip_factor=float(last["clip_factor"]) if single else 1.0,
-                          exp_avg_sq=t.get("exp_avg_sq"), exp_avg=t.get("exp_avg"), **batch)
+                          exp_avg_sq=t.get("exp_avg_sq"), exp_avg=t.get("exp_avg"), **batch,
+                          **self._activity(last))
+
+    # ------------------------------------------------------------------ buffers
+    @property
+    def buffers_changed(self) -> Tuple[str, ...]:
+        """Names of the recorded buffers whose value changed during training (BatchNorm running
+        statistics, counters), in manifest order: then the model's function changed not only
+        through θ, and every step is evaluated with the final buffers."""
+        seen = set()
+        for e in self._entries:
+            seen.update(e.get("buffers_changed") or ())
+        return tuple(n for n in self.buffer_names if n in seen)
+
+    def buffers(self, s: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """The model's recorded buffers {name: tensor} at state s (0..num_steps; default the last,
+        i.e. the final buffers of the run, or of its last stored update if it was killed). A
+        buffer is stored in θ_0's file and again in the file of every stored update after which
+        it had changed; its value at s is the latest of those up to s."""
+        s = self.num_steps if s is None else self._check_index(s, self.num_steps + 1, "state")
+        where: Dict[Optional[int], List[str]] = {}
+        for name in self.buffer_names:
+            at = None
+            for k in range(s - 1, -1, -1):
+                if name in (self._entries[k].get("buffers_changed") or ()):
+                    at = k
+                    break
+            where.setdefault(at, []).append(name)
+        out: Dict[str, torch.Tensor] = {}
+        for at, names in where.items():
+            t = self._read(at, [BUFFER_PREFIX + n for n in names])
+            out.update({n: t[BUFFER_PREFIX + n].clone() for n in names})
+        return {n: out[n] for n in self.buffer_names}
 
     # ------------------------------------------------------------------ replay
     def verify(self, model: Optional[torch.nn.Module] = None) -> VerifyReport:

@@ -102,14 +102,36 @@ def _check_scalars(s: int, r) -> None:
                                  "expected a finite number >= 0")
 
 
+def _check_tensor_counts(traj, s: int, r, counts: List[int], adam: bool) -> None:
+    """Advance each tensor's step counter by the raw step r (by one where it was active) and
+    check it against the recorded per-tensor counts (ValueError naming the step and tensor)."""
+    names = traj.layout.names
+    inactive = set(int(t) for t in (r.inactive or ()))
+    for t in range(len(names)):
+        if t not in inactive:
+            counts[t] += 1
+    if not adam:
+        return
+    recorded = r.tensor_step_counts if r.tensor_step_counts is not None else \
+        [r.step_count] * len(names)
+    for t, (a, b) in enumerate(zip(counts, recorded)):
+        if a != int(b):
+            raise ValueError(f"stored step {s}: raw step {r.index} records step count {b} for "
+                             f"tensor '{names[t]}', expected {a} (one more at every step where it "
+                             "had a gradient)")
+
+
 def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
     """Replay every stored update from the stored state; per-step errors in a VerifyReport.
 
     Checks all checksums, and the model's parameter names, shapes and order when ``model`` is given
     (ValueError naming the parameter on mismatch); that every stored θ and first moment is finite,
     every stored second moment finite and >= 0, every learning rate, weight decay and clip factor
-    finite and >= 0, and the step counters 1, 2, 3, ... (ValueError naming the stored step, the
-    field and the first bad coordinate or param group). Then, in float64, with the recursions of
+    finite and >= 0, and the step counters 1, 2, 3, ... (and, Adam-type, each tensor's own counter
+    advancing by one exactly at the steps where it had a gradient) (ValueError naming the stored
+    step, the field and the first bad coordinate, param group or tensor). Tensors without a
+    gradient at a step (``inactive``) are replayed as torch treats them: no update, moments
+    unchanged. Then, in float64, with the recursions of
     :mod:`explaind_fast.optim.recursion` (E_s the data part of the first moment, R_s the decay
     part):
 
@@ -150,6 +172,7 @@ def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
     E_prev = torch.zeros(D, dtype=f64)
     v_prev = torch.zeros(D, dtype=f64)
     expected_count = 1   # a recording starts from a fresh optimizer
+    tensor_counts = [0] * len(traj.layout.names)   # Adam-type: each tensor's own counter
     theta_next = traj.theta(0, dtype=f64)
     _check_tensor(traj, 0, "θ_0", theta_next, nonneg=False)
     for s in range(traj.num_steps):
@@ -160,6 +183,7 @@ def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
                 raise ValueError(f"stored step {s}: raw step {r.index} has step count "
                                  f"{r.step_count}, expected {expected_count}")
             expected_count = r.step_count + 1
+            _check_tensor_counts(traj, s, r, tensor_counts, adam)
         theta_s, theta_next = theta_next, traj.theta(s + 1, dtype=f64)
         _check_tensor(traj, s, f"θ_{s + 1}", theta_next, nonneg=False)
         _check_tensor(traj, s, f"exp_avg_sq (v_{s + 1})", rec.exp_avg_sq, nonneg=True)
@@ -181,13 +205,15 @@ def verify(traj, model: Optional[torch.nn.Module] = None) -> VerifyReport:
             E = m - R if rule.moment_includes_reg else m
             report.mode.append("stored-m")
         else:
-            E = moment_from_update(c, delta, R)
+            E = moment_from_update(c, delta, R, E_prev)
             report.mode.append("derived-m")
         if adam:
             G = gradient_from_moments(c, E, E_prev)
             u = rule.second_moment_input(rec, G, theta_s)
             v = rec.exp_avg_sq.to(f64)
             v_replay = b2 * v_prev + (1 - b2) * u * u
+            if c.active is not None:         # torch leaves v of a skipped tensor alone
+                v_replay = torch.where(c.active, v_replay, v_prev)
             c_replay = rule.coefficients(dataclasses.replace(rec, exp_avg_sq=v_replay),
                                          dtype=f64)
             replay = theta_s - c_replay.scale * E - c_replay.reg_scale * R

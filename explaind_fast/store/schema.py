@@ -22,6 +22,9 @@ from .format import FORMAT_NAME, FORMAT_VERSION, INIT_FILE, MAX_PARAMETERS, \
     CorruptTrajectoryError, manifest_checksum, step_file_name
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: dtypes a recorded buffer may have (the model's own; stored as is)
+BUFFER_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "int16", "int8",
+                 "uint8", "bool")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_DIMS = 64
 _BIG = 2 ** 62   # bound on sizes and counts (keeps every later float() / arithmetic finite)
@@ -33,7 +36,10 @@ ST_DTYPES: Dict[str, Tuple[Optional[torch.dtype], int]] = {
     "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1), "U16": (None, 2), "U32": (None, 4), "U64": (None, 8),
     "F8_E4M3": (None, 1), "F8_E5M2": (None, 1), "C64": (None, 8)}
-ST_CODE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_CODE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+           "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+           "bool": "BOOL"}
+BUFFER_PREFIX = "model_buffer."   # tensor name of a recorded buffer: the prefix + its name
 
 
 class Where:
@@ -250,6 +256,25 @@ def validate_manifest(m: Any, path: str) -> None:
     for key in ("torch_version", "created"):
         if key in m:
             need_str(m[key], w, key)
+    if m.get("model_buffers") is not None:
+        wb = w.at("model_buffers")
+        buf = need_dict(m["model_buffers"], wb)
+        bnames = need_list(need_key(buf, "names", wb), wb, "names")
+        for i, name in enumerate(bnames):
+            need_str(name, wb, "names", i)
+        if len(set(bnames)) != len(bnames):
+            wb.at("names").fail("buffer names are not unique")
+        bshapes = need_list(need_key(buf, "shapes", wb), wb, "shapes", n=len(bnames))
+        for i, shape in enumerate(bshapes):
+            need_list(shape, wb, "shapes", i)
+            if len(shape) > _MAX_DIMS:
+                wb.at("shapes", i).fail(f"more than {_MAX_DIMS} dimensions")
+            for j, d in enumerate(shape):
+                need_int(d, wb, "shapes", i, j, lo=0, hi=MAX_PARAMETERS)
+        bdtypes = need_list(need_key(buf, "dtypes", wb), wb, "dtypes", n=len(bnames))
+        for i, dt in enumerate(bdtypes):
+            if dt not in BUFFER_DTYPES:
+                wb.at("dtypes", i).fail(f"expected one of {BUFFER_DTYPES}, {_got(dt)}")
     init = need_dict(need_key(m, "init", w), w, "init")
     if need_key(init, "file", w, "init") != INIT_FILE:
         w.at("init", "file").fail(f"expected {INIT_FILE!r} (the only name θ_0 may have), "
@@ -289,11 +314,32 @@ def validate_entry(e: Any, w: Where, s: int, next_raw: int) -> int:
                  hi=_BIG)
         if r.get("uniform_weight") is not None:
             r["uniform_weight"] = need_number(r["uniform_weight"], w, "raw", j, "uniform_weight")
+        # optional (parameters without a gradient at this step, docs/design.md §3): the layout
+        # indices of the skipped tensors, strictly increasing; torch's per-tensor step counts
+        if r.get("inactive") is not None:
+            inactive = need_list(r["inactive"], w, "raw", j, "inactive")
+            prev = -1
+            for i, t in enumerate(inactive):
+                need_int(t, w, "raw", j, "inactive", i, lo=prev + 1, hi=_BIG)
+                prev = t
+        if r.get("tensor_step_counts") is not None:
+            counts = need_list(r["tensor_step_counts"], w, "raw", j, "tensor_step_counts")
+            for i, t in enumerate(counts):
+                need_int(t, w, "raw", j, "tensor_step_counts", i, lo=0, hi=r["step_count"])
+    if e.get("buffers_changed") is not None:
+        changed = need_list(e["buffers_changed"], w, "buffers_changed", min_len=1)
+        for i, name in enumerate(changed):
+            need_str(name, w, "buffers_changed", i)
+        if len(set(changed)) != len(changed):
+            w.at("buffers_changed").fail("buffer names are not unique")
     return next_raw
 
 
-def validate_entry_context(e: dict, w: Where, num_groups: int, checkpoint_every: int) -> None:
-    """Checks of a log entry against the manifest (param groups, checkpoint_every)."""
+def validate_entry_context(e: dict, w: Where, num_groups: int, checkpoint_every: int,
+                           num_tensors: Optional[int] = None, buffer_names=None,
+                           second_moment: bool = True) -> None:
+    """Checks of a log entry against the manifest (param groups, checkpoint_every, the number of
+    tensors of the layout, the recorded buffers, whether the optimizer keeps step counts)."""
     raw = e["raw"]
     if len(raw) > checkpoint_every:
         w.at("raw").fail(f"{len(raw)} raw steps in one stored update, checkpoint_every is "
@@ -303,6 +349,25 @@ def validate_entry_context(e: dict, w: Where, num_groups: int, checkpoint_every:
             if len(r[key]) != num_groups:
                 w.at("raw", j, key).fail(f"expected {num_groups} entries (one per param group), "
                                          f"got {len(r[key])}")
+        if num_tensors is not None:
+            inactive = r.get("inactive") or []
+            if inactive and inactive[-1] >= num_tensors:
+                w.at("raw", j, "inactive").fail(f"tensor index {inactive[-1]} is outside the "
+                                                f"layout's {num_tensors} tensors")
+            counts = r.get("tensor_step_counts")
+            if counts is not None:
+                if not second_moment:
+                    w.at("raw", j, "tensor_step_counts").fail(
+                        "not expected: the optimizer keeps no per-tensor step counts")
+                if len(counts) != num_tensors:
+                    w.at("raw", j, "tensor_step_counts").fail(
+                        f"expected {num_tensors} entries (one per tensor), got {len(counts)}")
+    if e.get("buffers_changed") is not None:
+        known = set(buffer_names or ())
+        for i, name in enumerate(e["buffers_changed"]):
+            if name not in known:
+                w.at("buffers_changed", i).fail(f"buffer {_show(name)} is not in the manifest's "
+                                                "buffers")
 
 
 # ---------------------------------------------------------------------------------- headers

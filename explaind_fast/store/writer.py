@@ -147,8 +147,10 @@ class TrajectoryWriter:
             raise _unsafe(self.directory, name + ".tmp", e) from None
         return hashlib.sha256(data).hexdigest()
 
-    def create(self, manifest: dict, theta0: torch.Tensor) -> None:
-        data = tensor_file_bytes({"theta": theta0}, None)
+    def create(self, manifest: dict, theta0: torch.Tensor,
+               extra: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write θ_0's file (θ_0 and ``extra`` tensors: the model's buffers) and the manifest."""
+        data = tensor_file_bytes({"theta": theta0, **(extra or {})}, None)
         sha = self._atomic_write(INIT_FILE, data)
         manifest = json.loads(json.dumps(  # plain JSON types, so the checksum survives a reload
             dict(manifest, init={"file": INIT_FILE, "sha256": sha, "bytes": len(data)})))
