@@ -73,7 +73,8 @@ def path_kernel_reduce(J, w, B, offsets, *, out=None, alpha=1.0):
         Only what hinges on rounding is backend-dependent: finite values (see below), and ±inf
         versus NaN where finite intermediates overflow, or where an A[r, i] facing B[p, i] = ±inf
         (or an S under alpha = ±inf) is zero under one rounding and not under another
-        (cancellation, underflow).
+        (cancellation, underflow). bfloat16 subnormal inputs may be read as zero (the Triton
+        interpreter does; an error of at most |alpha|·2^-126·Σ|w|·Σ(|J| + |B|) per entry).
 
     Autograd: differentiable in J, w and B (not offsets, alpha) when out is not given, with
     dJ[q, r, i] = alpha·w[q]·H[r, i], dw[q] = alpha·Σ_{r,i} J[q, r, i]·H[r, i] and

@@ -92,9 +92,12 @@ def reference64(J, w, B, offsets, out=None, alpha=1.0):
     return path_kernel_reduce_naive(J.double(), w.double(), B.double(), offsets, out=out64, alpha=alpha)
 
 
-def rounding_bound(J, w, B, offsets, alpha=1.0, out=None, underflow=False):
+def rounding_bound(J, w, B, offsets, alpha=1.0, out=None, underflow=False, flushed_inputs=False):
     """Per-entry bound n·eps·M (+ the rounding of |out| when accumulating), see the module docstring;
-    underflow=True adds the absolute error that subnormal products can make (same docstring)."""
+    underflow=True adds the absolute error that subnormal products can make (same docstring);
+    flushed_inputs=True allows subnormal J and B entries to be read as zero (the Triton
+    interpreter reads bfloat16 subnormals so): |alpha|·t·Σ_q|w_q|·Σ_{i∈g}(|B[p,i]| + |J[q,r,i]| + t)
+    with t the smallest normal number of the input dtype."""
     eps = EPS[J.dtype]
     lengths = (offsets[1:] - offsets[:-1]).double().view(-1, 1, 1)
     M = path_kernel_reduce_naive(J.double().abs(), w.double().abs(), B.double().abs(), offsets,
@@ -109,6 +112,14 @@ def rounding_bound(J, w, B, offsets, alpha=1.0, out=None, underflow=False):
         sum_B = path_kernel_reduce_naive(torch.ones(1, 1, J.shape[2], dtype=torch.float64),
                                          torch.ones(1, dtype=torch.float64), B.double().abs(), offsets)  # [G, 1, P]
         bound = bound + two_eta * (abs(alpha) * (J.shape[0] * sum_B + lengths) + lengths + 1)
+    if flushed_inputs:
+        t = torch.finfo(J.dtype).tiny
+        w_abs = w.double().abs()
+        ones_J = torch.ones(J.shape, dtype=torch.float64)
+        ones_B = torch.ones(B.shape, dtype=torch.float64)
+        through_B = path_kernel_reduce_naive(ones_J, w_abs, B.double().abs() + t, offsets)
+        through_J = path_kernel_reduce_naive(J.double().abs(), w_abs, ones_B, offsets)
+        bound = bound + abs(alpha) * t * (through_B + through_J)
     return bound
 
 

@@ -16,6 +16,7 @@ empty groups), layouts (transposed, sliced, expanded inputs), dtypes, alpha, and
 Bounded for CI: small shapes and example counts (the interpreter is slow), about 20 s in all on 2 cores.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -29,7 +30,9 @@ from explaind_fast.testing.op_cases import (acc_alpha, acc_dtype, assert_within,
 inf, nan = float("inf"), float("nan")
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 BACKENDS = ["cpp"] + (["triton"] if triton_device() is not None else [])
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Deterministic in CI (derandomize, no example database); EXPLAIND_FUZZ_RANDOM=1 explores anew.
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                derandomize=os.environ.get("EXPLAIND_FUZZ_RANDOM") != "1", database=None)
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),  # numpy (interpreter)
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
@@ -87,7 +90,9 @@ def compare_backends(dtype, J, w, B, offsets, out, alpha, split):
     a = acc_alpha(alpha, dtype)
     want = path_kernel_reduce_naive(J.double(), w.double(), B.double(), offsets,
                                     out=None if out is None else out.double().clone(), alpha=a)
-    bound = rounding_bound(J, w, B, offsets, alpha=a if math.isfinite(a) else 1.0, out=out, underflow=True)
+    # bfloat16 subnormal inputs may be read as zero (the op's docstring; the Triton interpreter does)
+    bound = rounding_bound(J, w, B, offsets, alpha=a if math.isfinite(a) else 1.0, out=out, underflow=True,
+                           flushed_inputs=dtype == torch.bfloat16)
     event("out has entries" if want.numel() else "out empty")
     event(f"non-finite entries: {'some' if want.numel() and not torch.isfinite(want).all() else 'none'}")
     results = {}
