@@ -172,21 +172,42 @@ def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) ->
 
 # ------------------------------------------------------------------------------ one step, all rows
 def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
-                 B: torch.Tensor, chunk: int):
+                 B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None):
     """Forward mode for one step: ([G, P+1, M, K] contributions φ_s·B[p]|g before the minus sign,
     [M, K] φ_s·Δ_s for the residual). Tangents: one per (group, row of B) plus Δ_s, ``chunk`` at a
-    time."""
+    time. With data="all" (B = [−Δ_s − r_s; r_s], as built by phi_all_from_update) the tangents are
+    Δ_s|g and r_s|g (φ·B[0]|g = −φ·Δ_s|g − φ·r_s|g, φ·Δ_s = Σ_g φ·Δ_s|g): 2G instead of 2G + 1.
+    jd: φ_s·Δ_s [M, K] when the quadrature rule has already computed it at these nodes (Δ_s then
+    needs no tangent of its own)."""
     G, P1 = groups.G, B.shape[0]
-    T = G * P1 + 1
     ids = groups.ids.to(theta_s.device)
+    dependent = P1 == 2 and bool(torch.equal(B[0], torch.sub(-delta, B[1])))
+    vecs = torch.cat([B, delta[None]])                                 # rows 0..P1-1: B, P1: Δ
+    if dependent:                     # (vector, group): r|g for every g, Δ|g unless jd covers G = 1
+        recipe = [(1, g) for g in range(G)] + ([] if (jd is not None and G == 1) else
+                                               [(P1, g) for g in range(G)])
+    else:
+        recipe = [(p, g) for g in range(G) for p in range(P1)] + ([] if jd is not None else
+                                                                  [(P1, -1)])
+    T = len(recipe)
+    vi = torch.tensor([r[0] for r in recipe], device=theta_s.device)
+    gi = torch.tensor([r[1] for r in recipe], device=theta_s.device)
     outs = []
     for a in range(0, T, chunk):
-        t = torch.arange(a, min(T, a + chunk), device=theta_s.device)
-        g, p = t // P1, t % P1
-        V = B[p.clamp_max(P1 - 1)] * (ids[None, :] == g[:, None]).to(B.dtype)
-        V[t == T - 1] = delta                                          # the last tangent is Δ_s
+        sl = slice(a, min(T, a + chunk))
+        mask = (ids[None, :] == gi[sl, None]) | (gi[sl, None] < 0)
+        V = vecs[vi[sl]] * mask.to(B.dtype)
         outs.append(forward_contract(tf, theta_s, delta, nodes, V, max_evals=chunk))
-    out = torch.cat(outs)                                              # [T, M, K]
+    out = torch.cat(outs) if outs else None                            # [T, M, K]
+    if dependent:
+        Jr = out[:G]                                                   # [G, M, K]
+        Jd = out[G:] if len(recipe) > G else None
+        jd_ = jd if jd is not None else Jd.sum(0)
+        Jd = Jd if Jd is not None else jd[None]                        # G == 1
+        res = torch.stack([-Jd - Jr, Jr], dim=1)                       # [G, 2, M, K]
+        return res, jd_
+    if jd is not None:
+        return out.reshape(G, P1, *out.shape[1:]), jd
     return out[:-1].reshape(G, P1, *out.shape[1:]), out[-1]
 
 

@@ -156,6 +156,10 @@ class PathMode(TorchFunctionMode):
         if func is F.linear:
             return flat_linear(args[0], _arg(args, kwargs, 1, "weight"),
                                _arg(args, kwargs, 2, "bias"))
+        if func is F.batch_norm:
+            out = _batch_norm_eval(self, args, kwargs)
+            if out is not NotImplemented:
+                return out
         return func(*args, **kwargs)
 
 
@@ -233,7 +237,38 @@ def _split_norm(norm, w_pos, b_pos, channel_dim):
 _SPLIT: Dict[Callable, Callable] = {F.linear: _split_linear, F.embedding: _split_embedding}
 for _conv in (F.conv1d, F.conv2d, F.conv3d):
     _SPLIT[_conv] = _split_conv(_conv)
-_SPLIT[F.batch_norm] = _split_norm(F.batch_norm, 3, 4, 1)
+_split_batch_norm_train = _split_norm(F.batch_norm, 3, 4, 1)
+
+
+def _batch_norm_eval(mode, args, kwargs):
+    """Batch norm with running statistics (eval mode) as the affine map it is:
+    (x − mean)·rsqrt(var + eps)·γ + β, elementwise (torch.batch_norm's batching rule under vmap and
+    forward AD costs several times more), split along the segment like any affine op."""
+    x = args[0]
+    names = ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+    v = {n: _arg(args, kwargs, i + 1, n) for i, n in enumerate(names)}
+    if v["training"] or v["running_mean"] is None or v["running_var"] is None or \
+            mode._d(x) is not None or mode._d(v["running_mean"]) is not None or \
+            mode._d(v["running_var"]) is not None:
+        if mode.delta_of and mode.t is not None:
+            return _split_batch_norm_train(mode, args, kwargs)
+        return NotImplemented
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    eps = 1e-5 if v["eps"] is None else v["eps"]
+    xh = (x - v["running_mean"].reshape(shape)) * torch.rsqrt(v["running_var"] + eps).reshape(shape)
+    w, b = v["weight"], v["bias"]
+    path = mode.delta_of and mode.t is not None
+    dw, db = (mode._d(w), mode._d(b)) if path else (None, None)
+    if w is not None:
+        wt = w if dw is None else w + mode.t * dw
+        xh = xh * wt.reshape(shape)
+    if b is not None:
+        bt = b if db is None else b + mode.t * db
+        xh = xh + bt.reshape(shape)
+    return xh.contiguous()
+
+
+_SPLIT[F.batch_norm] = _batch_norm_eval
 _SPLIT[F.instance_norm] = _split_norm(F.instance_norm, 3, 4, 1)
 _SPLIT[F.group_norm] = _split_norm(F.group_norm, 2, 3, 1)
 _SPLIT[F.layer_norm] = _split_norm(F.layer_norm, 2, 3, None)
