@@ -172,13 +172,15 @@ def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) ->
 
 # ------------------------------------------------------------------------------ one step, all rows
 def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
-                 B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None):
+                 B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None,
+                 evals: Optional[int] = None):
     """Forward mode for one step: ([G, P+1, M, K] contributions φ_s·B[p]|g before the minus sign,
     [M, K] φ_s·Δ_s for the residual). Tangents: one per (group, row of B) plus Δ_s, ``chunk`` at a
     time. With data="all" (B = [−Δ_s − r_s; r_s], as built by phi_all_from_update) the tangents are
     Δ_s|g and r_s|g (φ·B[0]|g = −φ·Δ_s|g − φ·r_s|g, φ·Δ_s = Σ_g φ·Δ_s|g): 2G instead of 2G + 1.
     jd: φ_s·Δ_s [M, K] when the quadrature rule has already computed it at these nodes (Δ_s then
-    needs no tangent of its own)."""
+    needs no tangent of its own). evals: tangent × node evaluations per call (the planner's
+    eval_chunk; default ``chunk``, one node per call)."""
     G, P1 = groups.G, B.shape[0]
     ids = groups.ids.to(theta_s.device)
     dependent = P1 == 2 and bool(torch.equal(B[0], torch.sub(-delta, B[1])))
@@ -197,7 +199,8 @@ def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
         sl = slice(a, min(T, a + chunk))
         mask = (ids[None, :] == gi[sl, None]) | (gi[sl, None] < 0)
         V = vecs[vi[sl]] * mask.to(B.dtype)
-        outs.append(forward_contract(tf, theta_s, delta, nodes, V, max_evals=chunk))
+        outs.append(forward_contract(tf, theta_s, delta, nodes, V,
+                                     max_evals=max(chunk, evals or 0)))
     out = torch.cat(outs) if outs else None                            # [T, M, K]
     if dependent:
         Jr = out[:G]                                                   # [G, M, K]

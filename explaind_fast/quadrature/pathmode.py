@@ -274,6 +274,11 @@ _SPLIT[F.group_norm] = _split_norm(F.group_norm, 2, 3, 1)
 _SPLIT[F.layer_norm] = _split_norm(F.layer_norm, 2, 3, None)
 
 
+#: shared nodes: below this many test samples per call the ops are split along the segment
+#: (no θ(t_q) rows, no per-node copies of the tangents; costs a second GEMM per linear), above it
+#: θ(t_q) is formed once per node (one GEMM per linear for all samples)
+SPLIT_BELOW_SAMPLES = 32
+
 # =============================================================================== row evaluation
 class PathFunction:
     """One step's segment θ_s + tΔ_s of a test function h(f(θ, x), y), evaluated on rows
@@ -357,16 +362,22 @@ class PathFunction:
                                   None if mu is None else 0))(tt, x, tg, mu)
 
     # ------------------------------------------------------------------ shared nodes
-    def jvp_shared(self, t: torch.Tensor, idx, tangents: torch.Tensor, mu=None):
-        """J(θ_s + t_q Δ_s; X[idx])·v for shared nodes t [q] (θ(t_q) formed once per node, the
-        samples batched): [T, q, m, K]. mu: [q, m, U] soft patterns or None."""
+    def jvp_shared(self, t: torch.Tensor, idx, tangents: torch.Tensor, mu=None, split=None):
+        """J(θ_s + t_q Δ_s; X[idx])·v for shared nodes t [q], the samples batched: [T, q, m, K].
+        mu: [q, m, U] soft patterns or None. split: evaluate along the segment without forming
+        θ(t_q) (default: below SPLIT_BELOW_SAMPLES samples), else θ(t_q) once per node."""
         X = self.X[idx]
         tg = None if self.targets is None else self.targets[idx]
         tt = t.to(self.theta_s)
         delta = self.delta
 
+        if split is None:        # few samples: GEMMs are small, per-node [q, D] rows dominate
+            split = X.shape[0] < SPLIT_BELOW_SAMPLES
+
         def nodes(theta):
             def at(t1, m1):
+                if split:
+                    return self._call(theta, t1, (X,), tg, m1)
                 return self._call(theta + t1 * delta, None, (X,), tg, m1, along_path=False)
             return vmap(at, in_dims=(0, None if mu is None else 0))(tt, mu)
         return vmap(lambda v: jvp(nodes, (self.theta_s,), (v,))[1])(tangents)

@@ -9,8 +9,9 @@ for many (sample, t) rows at once with shared weights. Overview: :mod:`explaind_
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,11 @@ def _name(func) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
+class _Done(Exception):
+    """Raised by :class:`_Capture` once it has recorded every switching function of the model
+    (the rest of the forward pass is not needed)."""
+
+
 class _Capture:
     """Records the switching functions of every piecewise torch call it observes (used by
     :class:`explaind_fast.quadrature.pathmode.PathMode`, which calls :meth:`observe` before every op
@@ -232,6 +238,11 @@ class _Capture:
         self.switches: List[Tuple[str, str, torch.Tensor]] = []  # (op name, kind, tensor)
         self.funcs: List[Callable] = []                           # the torch callable of each
         self.unseen: List[str] = []
+        self.stop_after = None                                    # raise _Done at this count
+
+    def _check_done(self):
+        if self.stop_after is not None and len(self.switches) >= self.stop_after:
+            raise _Done
 
     def watches(self, func) -> bool:
         return func in self.extra or func in SWITCHES or func in UNSUPPORTED
@@ -246,6 +257,7 @@ class _Capture:
                         self.funcs.append(func)
             except _Unsupported as why:
                 self.unseen.append(f"{_name(func)} ({why})")
+            self._check_done()
         elif func in UNSUPPORTED and args and _is_float_tensor(args[0]):
             self.unseen.append(_name(func))
 
@@ -281,7 +293,7 @@ class _Path:
     """
 
     def __init__(self, model, layout: ParamLayout, theta, delta, inputs, activations,
-                 chunk_elems: int):
+                 chunk_elems: int, like: "Optional[_Path]" = None):
         if theta.dim() != 1 or theta.shape[0] != layout.D:
             raise ValueError(f"theta_s must be a flat [D={layout.D}] vector, got "
                              f"{tuple(theta.shape)}")
@@ -305,7 +317,12 @@ class _Path:
         self.unseen: List[str] = []
         self.shared_evals = 0
         self.row_evals = 0
-        self._layout_probe()
+        if like is not None and like.model is model and like.M == self.M:
+            # the same model and test inputs at another step: the call layout is the same
+            for k in ("unseen", "n_switches", "blocks", "block_funcs", "offsets", "K"):
+                setattr(self, k, copy.copy(getattr(like, k)))
+        else:
+            self._layout_probe()
 
     # --- raw capture -------------------------------------------------------------------------
     def _capture(self, t, inputs):
@@ -320,14 +337,18 @@ class _Path:
                 for z in _as_list(zs):
                     rec.switches.append((type(mod).__name__, "sign", z))
                     rec.funcs.append(type(mod))
+                rec._check_done()
             for mod in self.model.modules():
                 if mod is target or (isinstance(target, type) and isinstance(mod, target)):
                     handles.append(mod.register_forward_pre_hook(pre_hook))
         ps = self.layout.unflatten(self.theta)
         delta_of = {id(ps[k]): self.dparams[k] for k in ps}
+        rec.stop_after = getattr(self, "n_switches", None)
         try:
             with PathMode(delta_of, t, capture=rec):
                 functional_call(self.model, {**self.fm.base, **ps}, inputs)
+        except _Done:
+            pass                  # every switching function is recorded: the rest is not needed
         finally:
             for h in handles:
                 h.remove()
@@ -348,6 +369,7 @@ class _Path:
                                    "and 2 samples; kink detection needs a fixed call sequence")
         else:
             shapes2 = None
+        self.n_switches = len(mode1.switches)    # later captures stop after the last one
         self.blocks = []  # (name, kind, batch dim, per-sample size, candidates)
         self.block_funcs = list(mode1.funcs)
         dropped = []

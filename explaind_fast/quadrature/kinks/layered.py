@@ -33,7 +33,7 @@ import torch
 from . import chebyshev as ch
 
 #: Chebyshev degrees of the nested point sets (9, 17, 33 points per piece)
-DEFAULT_LEVELS = (8, 16, 32)
+DEFAULT_LEVELS = (10, 20, 40)
 #: an unresolved function whose last coefficients are below this fraction of the block's scale
 #: is smooth but under-resolved: its piece gets more points before it is split
 SMOOTH_TAIL = 1e-6
@@ -80,7 +80,7 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
     M, K = path.M, path.K
     dtype = path.theta.dtype
     eps = torch.finfo(dtype).eps
-    tol = max(1e-13, 64 * eps) if tol is None else tol
+    tol = max(1e-11, 64 * eps) if tol is None else tol
     blocks = [(off, b[1], b[3], b[4]) for b, off in zip(path.blocks, path.offsets[:-1])
               if b is not None]
     res = LayeredResult(breakpoints=[])

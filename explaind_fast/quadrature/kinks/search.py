@@ -177,7 +177,7 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
             no per-kink evaluation); "bracket": the shared grid, Hermite dip test, Newton polish
             per kink and verification rounds described in the package docstring.
         tol: ("chebyshev") convergence tolerance of the interpolants, relative to each switching
-            block's scale (default max(1e-13, 64·eps)).
+            block's scale (default max(1e-11, 64·eps)).
         grid: "bracket": cells of the shared bracketing grid (grid + 1 batched forward-mode
             passes); "chebyshev": initial cells per sample (1 is enough: pieces split themselves).
         tol_t: ("bracket") absolute tolerance on each breakpoint.
@@ -199,6 +199,16 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
         warnings.warn("kink quadrature: the model uses piecewise ops whose breakpoints it cannot "
                       f"find: {', '.join(path.unseen)}; the quadrature residual will show their "
                       "error", stacklevel=2)
+    return search_path(path, grid=grid, tol_t=tol_t, max_iter=max_iter, verify=verify,
+                       max_rounds=max_rounds, side=side, merge_tol=merge_tol, method=method,
+                       tol=tol)
+
+
+def search_path(path: _Path, *, grid: Optional[int] = None, tol_t: float = 1e-14,
+                max_iter: int = 60, verify: bool = True, max_rounds: int = 20,
+                side: float = 1e-11, merge_tol: float = 1e-12, method: str = "chebyshev",
+                tol: Optional[float] = None) -> Kinks:
+    """:func:`find_kinks` on a prepared path evaluator (same options)."""
     if path.K == 0:
         e = torch.zeros(0, dtype=torch.int64)
         return Kinks(breakpoints=[torch.zeros(0, dtype=torch.float64) for _ in range(path.M)],
@@ -210,7 +220,7 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
         return _chebyshev(path, grid or 1, tol, max(max_rounds, 40), merge_tol)
     grid = grid or 4
     M, K = path.M, path.K
-    dtype = theta_s.dtype
+    dtype = path.theta.dtype
     found: List[List[torch.Tensor]] = [[] for _ in range(M)]
     kinks = Kinks(breakpoints=[], num_switches=K, shared_evals=0, row_evals=0,
                   unseen=list(path.unseen))
