@@ -127,7 +127,7 @@ def activation_count(model, call):
 
 def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
             output="logits", params="all", data="all", steps="all",
-            quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
+            quadrature="auto", mode="auto", memory_budget=None, dtype=None,
             device=None, credit="auto", max_intervals=64) -> Problem:
     """Validate the arguments of :func:`explaind_fast.attribute` (same names) and build a Problem."""
     traj = trajectory

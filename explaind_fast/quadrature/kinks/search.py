@@ -13,6 +13,7 @@ import torch
 
 from ...model import ParamLayout
 from .capture import _Path
+from .chebyshev import hermite_extremum as _hermite_extremum
 
 @dataclass
 class Kinks:
@@ -107,36 +108,6 @@ def _gather(V, i):
     """V[m, i[m, j]] with a trailing zero slot (index K)."""
     Vp = torch.cat([V, torch.zeros(V.shape[0], 1, dtype=V.dtype)], dim=1)
     return Vp.gather(1, i)
-
-
-def _hermite_extremum(z0, z1, m0, m1):
-    """Extremum of the cubic Hermite fit p(0)=z0, p(1)=z1, p'(0)=m0, p'(1)=m1 (m = h·dz/dt) that
-    reaches furthest towards the side opposite to ``ref`` = sign(z0) (sign(m0) where z0 = 0).
-    Returns (τ ∈ (0,1), ref·p(τ), exists)."""
-    a = 2 * (z0 - z1) + m0 + m1
-    b = 3 * (z1 - z0) - 2 * m0 - m1
-    A, B, C = 3 * a, 2 * b, m0  # p'(τ) = Aτ² + Bτ + C
-    disc = B * B - 4 * A * C
-    sq = torch.sqrt(torch.clamp(disc, min=0))
-    # stable roots (no cancellation when A is tiny): q = −(B + sign(B)·√disc)/2, q/A and C/q
-    one = torch.ones_like(A)
-    q = -0.5 * (B + torch.where(B >= 0, sq, -sq))
-    r1 = q / torch.where(A == 0, one, A)
-    r1 = torch.where(A == 0, torch.full_like(A, float("nan")), r1)
-    r2 = C / torch.where(q == 0, one, q)
-    r2 = torch.where(q == 0, torch.full_like(A, float("nan")), r2)
-    ref = torch.where(z0 != 0, torch.sign(z0), torch.sign(m0))
-    tau = torch.full_like(z0, 0.5)
-    low = torch.full_like(z0, float("inf"))
-    exists = torch.zeros_like(z0, dtype=torch.bool)
-    for r in (r1, r2):
-        ok = (disc >= 0) & (r > 0) & (r < 1) & torch.isfinite(r)
-        p = ref * (((a * r + b) * r + m0) * r + z0)
-        better = ok & (p < low)
-        tau = torch.where(better, r, tau)
-        low = torch.where(better, p, low)
-        exists = exists | ok
-    return tau, low, exists
 
 
 def _hermite_root(z0, z1, m0, m1, iters: int = 4):
