@@ -192,13 +192,16 @@ def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
         recipe = [(p, g) for g in range(G) for p in range(P1)] + ([] if jd is not None else
                                                                   [(P1, -1)])
     T = len(recipe)
-    vi = torch.tensor([r[0] for r in recipe], device=theta_s.device)
-    gi = torch.tensor([r[1] for r in recipe], device=theta_s.device)
     outs = []
     for a in range(0, T, chunk):
-        sl = slice(a, min(T, a + chunk))
-        mask = (ids[None, :] == gi[sl, None]) | (gi[sl, None] < 0)
-        V = vecs[vi[sl]] * mask.to(B.dtype)
+        # row by row: one [T_c, D] buffer, no [T_c, D] temporaries (masks, gathers) per step
+        V = torch.empty(min(T, a + chunk) - a, vecs.shape[1], dtype=B.dtype, device=B.device)
+        for i, (v, g) in enumerate(recipe[a:a + chunk]):
+            if g < 0:
+                V[i] = vecs[v]
+            else:
+                torch.where(ids == g, vecs[v], torch.zeros((), dtype=B.dtype, device=B.device),
+                            out=V[i])
         outs.append(forward_contract(tf, theta_s, delta, nodes, V,
                                      max_evals=max(chunk, evals or 0)))
     out = torch.cat(outs) if outs else None                            # [T, M, K]

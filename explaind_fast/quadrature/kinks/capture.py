@@ -220,7 +220,10 @@ UNSUPPORTED = _collect(
 
 
 def _name(func) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    q = getattr(func, "__qualname__", None)
+    if q and "<locals>" in q:                # F.max_pool2d is a boolean_dispatch wrapper
+        q = None
+    return q or getattr(func, "__name__", None) or repr(func)
 
 
 class _Done(Exception):
