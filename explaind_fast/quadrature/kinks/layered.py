@@ -32,8 +32,11 @@ import torch
 
 from . import chebyshev as ch
 
-#: Chebyshev degrees of the nested point sets (9, 17, 33 points per piece)
+#: Chebyshev degrees of the nested point sets of a sample's initial piece (11, 21, 41 points)
 DEFAULT_LEVELS = (10, 20, 40)
+#: ... and of the sub-pieces a split creates (7, 13, 25, 49 points): shorter pieces, and
+#: switching functions of conv / linear / batch-norm layers are polynomials of low degree in t
+SUB_LEVELS = (6, 12, 24, 48)
 #: an unresolved function whose last coefficients are below this fraction of the block's scale
 #: is smooth but under-resolved: its piece gets more points before it is split
 SMOOTH_TAIL = 1e-6
@@ -49,6 +52,7 @@ class _Piece:
     level: int = 0
     vals: Optional[torch.Tensor] = None      # [n+1, K] at the Lobatto points of the current level
     initial: bool = True
+    ladder: Tuple[int, ...] = DEFAULT_LEVELS
 
 
 @dataclass
@@ -86,8 +90,8 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
     res = LayeredResult(breakpoints=[])
     found: List[List[float]] = [[] for _ in range(M)]
     unit_roots = []
-    open_: List[_Piece] = [_Piece(m, c / cells, (c + 1) / cells) for c in range(cells)
-                           for m in range(M)]
+    open_: List[_Piece] = [_Piece(m, c / cells, (c + 1) / cells, ladder=tuple(levels))
+                           for c in range(cells) for m in range(M)]
     first_vals = {}
     for rnd in range(max_rounds):
         if not open_:
@@ -96,17 +100,17 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
         # ---- evaluate every open piece at the points of its level it does not have yet
         groups = {}
         for p in open_:
-            groups.setdefault((p.level, p.vals is not None), []).append(p)
+            groups.setdefault((p.ladder, p.level, p.vals is not None), []).append(p)
         req_s, req_t, where = [], [], []
-        for (lv, has), ps in groups.items():
-            n = levels[lv]
+        for (ladder, lv, has), ps in groups.items():
+            n = ladder[lv]
             a = torch.tensor([p.a for p in ps], dtype=torch.float64)
             b = torch.tensor([p.b for p in ps], dtype=torch.float64)
             pts = ch.points(a, b, n)                                   # [P, n+1]
             need = pts[:, 1::2] if has else pts
             req_s.append(torch.tensor([p.m for p in ps]).repeat_interleave(need.shape[1]))
             req_t.append(need.reshape(-1))
-            where.append(((lv, has), need.shape[1]))
+            where.append(((ladder, lv, has), need.shape[1]))
             per = need.shape[1]
             res.shared_evals += per * len({p.a for p in ps if p.initial})
             res.row_evals += per * sum(not p.initial for p in ps)
@@ -115,8 +119,8 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
         Vall = path.values(S, Tt.to(dtype)).to(dtype) if len(S) else torch.zeros(0, K, dtype=dtype)
         nxt_open: List[_Piece] = []
         pos = 0
-        for ((lv, has), per), (key, ps) in zip(where, groups.items()):
-            n = levels[lv]
+        for ((ladder, lv, has), per), (key, ps) in zip(where, groups.items()):
+            n = ladder[lv]
             P = len(ps)
             Vn = Vall[pos:pos + P * per].reshape(P, per, K)
             pos += P * per
@@ -126,7 +130,7 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
                 V[:, 1::2] = Vn
             else:
                 V = Vn
-            nxt_open += _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found,
+            nxt_open += _analyse(ps, V, n, lv, ladder, blocks, tol, merge_tol, min_piece, found,
                                  unit_roots, res)
         open_ = nxt_open
     res.unconverged += sum(1 for _ in open_)
@@ -272,7 +276,7 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
             continue
         for lo, hi in zip(edges[:-1], edges[1:]):
             if hi - lo > min_piece:
-                out.append(_Piece(p.m, lo, hi, 0, None, False))
+                out.append(_Piece(p.m, lo, hi, 0, None, False, SUB_LEVELS))
     return out
 
 
