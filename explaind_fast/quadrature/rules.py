@@ -2,19 +2,29 @@
 
 One rule object per kind, parsed from a spec string by :func:`parse_quadrature`:
 
+    "auto"              (the default of attribute()) "kinks:3" when the model calls piecewise ops
+                        the kink search sees, Gauss–Legendre with an error estimate otherwise
+                        (:class:`AutoRule`; never the capped adaptive rule on a ReLU model).
     "midpoint:n"        nodes (i + 0.5)/n, weights 1/n (the official ExPLAIND code's rule); exact
                         for integrands of degree <= 1 only.
     "gauss-legendre:n"  n Gauss–Legendre nodes on [0, 1]; exact for degree <= 2n − 1.
     "adaptive:tol"      start from Gauss–Legendre-4 on [0, 1] and bisect the interval with the
                         largest exact local error (:func:`.adaptive.adaptive_nodes`) until the
                         summed error is under tol relative to the step's change; shared nodes.
-    "kinks:n"           per-sample ReLU-kink splitting (:mod:`.kinks`), n nodes per smooth piece,
-                        [M, Q].
+    "kinks:n"           kink-aware (:mod:`.kinks`): soft activation patterns at shared
+                        Gauss–Legendre nodes where the model allows (one piecewise layer feeding
+                        affine maps; Q raised until the Δ residual is under 1e-12), else
+                        Gauss–Legendre-n on every smooth piece per sample, [M, Q].
     callable            ``rule(s, theta_s, delta_s) -> NodeSet`` (custom / per-sample rules).
 
 Every rule has ``.nodes(step)`` (a :class:`NodeSet` for a :class:`PathStep`), ``.evaluate(step)``
 (the node set and what finding it cost, :class:`NodeStats`), ``expected_nodes`` (the node count the
-planner budgets for) and ``text`` (the spec).
+planner budgets for) and ``text`` (the spec; for "auto" also what it chose). The checked rules
+(soft-pattern kinks, checked Gauss–Legendre) know their error exactly in the Δ direction,
+∫ J·Δ dt = h(f(θ_{s+1})) − h(f(θ_s)); they check it themselves (one JVP along Δ per node), or, on
+a ``deferred`` step, return their first guess with ``NodeStats.refine`` and let the engine report
+the φ·Δ its contraction computes anyway (no extra evaluation; a miss contracts again with more
+nodes).
 """
 from __future__ import annotations
 
