@@ -29,6 +29,7 @@ the primal runs once for all tangents and the weights are shared by all rows.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -52,6 +53,11 @@ _ABS = tuple(f for f in (torch.abs, torch.abs_, torch.absolute, torch.Tensor.abs
              if f is not None)
 #: piecewise ops that soft activation patterns can stand in for (one switching tensor each)
 SOFT_OPS = frozenset(_RELU + _LEAKY + _ABS)
+
+
+class FoldMismatch(Exception):
+    """Rows folded into the model's batch (per-row t as a vector) do not fit this model: an op's
+    output does not keep the rows on dim 0, or a parameter is used outside a split op."""
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -97,12 +103,26 @@ class PathMode(TorchFunctionMode):
         self.block = 0
 
     # ------------------------------------------------------------------ helpers
+    def tb(self, y: torch.Tensor) -> torch.Tensor:
+        """t broadcast against an op's output y: a scalar as it is; a vector of per-row t (rows
+        folded into the batch) along y's dim 0, which must be the rows."""
+        t = self.t
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        if y.dim() == 0 or y.shape[0] != t.shape[0]:
+            raise FoldMismatch(f"an op's output {tuple(y.shape)} has no row dim of {t.shape[0]}")
+        return t.reshape((-1,) + (1,) * (y.dim() - 1))
+
     def _d(self, x):
         return self.delta_of.get(id(x)) if isinstance(x, torch.Tensor) else None
 
     def _at_t(self, x):
         d = self._d(x)
-        return x if d is None else x + self.t * d
+        if d is None:
+            return x
+        if isinstance(self.t, torch.Tensor) and self.t.dim() > 0:
+            raise FoldMismatch("a parameter used outside a split op cannot take per-row t")
+        return x + self.t * d
 
     def _fix(self, a):
         """a with every parameter (also inside lists and tuples) replaced by p_s + tΔp."""
@@ -173,8 +193,8 @@ def _split_linear(mode, args, kwargs):
         return NotImplemented
     y = flat_linear(x, W, b)
     if dW is None:
-        return y + mode.t * db
-    return y + mode.t * flat_linear(x, dW, db)
+        return y + mode.tb(y) * db
+    return y + mode.tb(y) * flat_linear(x, dW, db)
 
 
 def _split_conv(conv):
@@ -186,8 +206,8 @@ def _split_conv(conv):
         rest, kw = args[3:], {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
         y = conv(x, W, b, *rest, **kw)
         if dW is None:
-            return y + mode.t * db.reshape((1, -1) + (1,) * (y.dim() - 2))
-        return y + mode.t * conv(x, dW, db, *rest, **kw)
+            return y + mode.tb(y) * db.reshape((1, -1) + (1,) * (y.dim() - 2))
+        return y + mode.tb(y) * conv(x, dW, db, *rest, **kw)
     return split
 
 
@@ -197,7 +217,8 @@ def _split_embedding(mode, args, kwargs):
     if dW is None or _arg(args, kwargs, 3, "max_norm") is not None:
         return NotImplemented
     rest, kw = args[2:], {k: v for k, v in kwargs.items() if k != "weight"}
-    return F.embedding(idx, W, *rest, **kw) + mode.t * F.embedding(idx, dW, *rest, **kw)
+    y = F.embedding(idx, W, *rest, **kw)
+    return y + mode.tb(y) * F.embedding(idx, dW, *rest, **kw)
 
 
 def _split_norm(norm, w_pos, b_pos, channel_dim):
@@ -230,7 +251,7 @@ def _split_norm(norm, w_pos, b_pos, channel_dim):
             else:
                 shape[channel_dim] = -1
                 part = db.reshape(shape).expand(y.shape)
-        return y + mode.t * part
+        return y + mode.tb(y) * part
     return split
 
 
@@ -259,13 +280,15 @@ def _batch_norm_eval(mode, args, kwargs):
     w, b = v["weight"], v["bias"]
     path = mode.delta_of and mode.t is not None
     dw, db = (mode._d(w), mode._d(b)) if path else (None, None)
-    if w is not None:
-        wt = w if dw is None else w + mode.t * dw
-        xh = xh * wt.reshape(shape)
+    y = xh if w is None else xh * w.reshape(shape)
     if b is not None:
-        bt = b if db is None else b + mode.t * db
-        xh = xh + bt.reshape(shape)
-    return xh.contiguous()
+        y = y + b.reshape(shape)
+    if dw is not None or db is not None:        # + t·(x̂·Δγ + Δβ)
+        part = xh * dw.reshape(shape) if dw is not None else None
+        if db is not None:
+            part = db.reshape(shape).expand(y.shape) if part is None else part + db.reshape(shape)
+        y = y + mode.tb(y) * part
+    return y.contiguous()
 
 
 _SPLIT[F.batch_norm] = _batch_norm_eval
@@ -273,6 +296,9 @@ _SPLIT[F.instance_norm] = _split_norm(F.instance_norm, 3, 4, 1)
 _SPLIT[F.group_norm] = _split_norm(F.group_norm, 2, 3, 1)
 _SPLIT[F.layer_norm] = _split_norm(F.layer_norm, 2, 3, None)
 
+
+#: models on which folding (node, sample) rows into the batch was checked (model -> bool)
+_FOLD_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 #: shared nodes: below this many test samples per call the ops are split along the segment
 #: (no θ(t_q) rows, no per-node copies of the tangents; costs a second GEMM per linear), above it
@@ -365,14 +391,67 @@ class PathFunction:
     def jvp_shared(self, t: torch.Tensor, idx, tangents: torch.Tensor, mu=None, split=None):
         """J(θ_s + t_q Δ_s; X[idx])·v for shared nodes t [q], the samples batched: [T, q, m, K].
         mu: [q, m, U] soft patterns or None. split: evaluate along the segment without forming
-        θ(t_q) (default: below SPLIT_BELOW_SAMPLES samples), else θ(t_q) once per node."""
+        θ(t_q) (default: below SPLIT_BELOW_SAMPLES samples), else θ(t_q) once per node. Split
+        evaluation folds the (node, sample) rows into the model's batch with a per-row t where
+        the model allows it (checked once per model against the vmap-over-nodes evaluation:
+        every parameter used by a split op, every split op keeping the rows on dim 0), so that
+        no tangent is copied per node."""
+        if split is None:        # few samples: GEMMs are small, per-node [q, D] rows dominate
+            split = self.X[idx].shape[0] < SPLIT_BELOW_SAMPLES
+        if split and self._fold_ok():
+            try:
+                return self._jvp_folded(t, idx, tangents, mu)
+            except FoldMismatch:
+                pass
+        return self._jvp_nodes(t, idx, tangents, mu, split)
+
+    def _jvp_folded(self, t, idx, tangents, mu=None):
+        X = self.X[idx]
+        m, q = X.shape[0], len(t)
+        Xr = X.repeat((q,) + (1,) * (X.dim() - 1))                    # row = node·m + sample
+        tg = None if self.targets is None else self.targets[idx].repeat(q)
+        tr = t.to(self.theta_s).repeat_interleave(m)
+        mur = None if mu is None else mu.reshape(q * m, -1)
+
+        def rows(theta):
+            return self._call(theta, tr, (Xr,), tg, mur)
+        out = vmap(lambda v: jvp(rows, (self.theta_s,), (v,))[1])(tangents)   # [T, q·m, K]
+        return out.reshape(out.shape[0], q, m, *out.shape[2:])
+
+    def _fold_ok(self) -> bool:
+        key = self.fm.model
+        ok = _FOLD_OK.get(key)
+        if ok is None:
+            ok = self._fold_probe()
+            _FOLD_OK[key] = ok
+        return ok
+
+    def _fold_probe(self) -> bool:
+        """Folded and vmap-over-nodes evaluation agree on 2 nodes × 2 samples, random tangent
+        (and random soft patterns where the rule has them)."""
+        gen = torch.Generator().manual_seed(0)
+        m = min(2, self.X.shape[0])
+        idx = slice(0, m)
+        t = torch.tensor([0.3, 0.7], dtype=self.theta_s.dtype)
+        v = torch.randn(1, self.theta_s.shape[0], generator=gen,
+                        dtype=torch.float64).to(self.theta_s)
+        mu = None
+        if self.patterns is not None:
+            U = sum(size for _, size, _ in self.patterns.blocks)
+            mu = torch.rand(2, m, U, generator=gen, dtype=torch.float64).to(self.theta_s)
+        try:
+            a = self._jvp_folded(t, idx, v, mu)
+        except (FoldMismatch, RuntimeError):
+            return False
+        b = self._jvp_nodes(t, idx, v, mu, True)
+        tol = 1e3 * torch.finfo(self.theta_s.dtype).eps
+        return bool(((a - b).abs() <= tol * (1 + b.abs().max())).all())
+
+    def _jvp_nodes(self, t, idx, tangents, mu, split):
         X = self.X[idx]
         tg = None if self.targets is None else self.targets[idx]
         tt = t.to(self.theta_s)
         delta = self.delta
-
-        if split is None:        # few samples: GEMMs are small, per-node [q, D] rows dominate
-            split = X.shape[0] < SPLIT_BELOW_SAMPLES
 
         def nodes(theta):
             def at(t1, m1):

@@ -116,6 +116,36 @@ def test_path_function_equals_materialised_parameters():
         assert (got - shared).abs().max() < 1e-12 * float(shared.abs().max()), split
 
 
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.lin = nn.Linear(4 * 16, 3)
+
+    def forward(self, x):
+        return self.lin(F.relu(F.max_pool2d(self.bn(self.conv(x)), 2)).flatten(1))
+
+
+def test_rows_folded_into_the_batch_equal_vmap_over_nodes():
+    from explaind_fast.quadrature import pathmode
+    torch.manual_seed(3)
+    model = ConvBN().to(DT).eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.weight.normal_()
+    layout, th, dl = _setup(model, 0.3, seed=3)
+    X = torch.randn(6, 1, 8, 8, dtype=DT)
+    tf = TestFunction(FunctionalModel(model, layout, DT), X, None, lambda o, y: o)
+    pf = PathFunction.of(tf, th, dl)
+    V = torch.randn(2, layout.D, generator=torch.Generator().manual_seed(4), dtype=DT)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=DT)
+    folded = pf.jvp_shared(t, slice(1, 5), V, split=True)
+    assert pathmode._FOLD_OK[model] is True
+    nodes = pf._jvp_nodes(t, slice(1, 5), V, None, split=False)
+    assert (folded - nodes).abs().max() < 1e-12 * float(nodes.abs().max())
+
+
 # ---------------------------------------------------------------------------------- Chebyshev
 def test_chebyshev_roots_and_directions():
     n = 16
