@@ -27,6 +27,11 @@ from .granularity import ParamGroups
 _FALLBACK_LOOP_MAX_GROUPS = 64
 
 
+#: forward mode, shared nodes: tangents per call are cut (down to this many) so that all nodes fit
+#: in one call of the planner's eval_chunk evaluations — the primal is a small part of a JVP's
+#: cost, and the call's working set grows with tangents × nodes
+TANGENTS_PER_CALL = 4
+
 #: (sample, node) rows per vmapped call of the per-sample paths, divided by the number of tangents
 #: (forward mode) or outputs (reverse mode): bounds the activations held by one call
 ROW_CHUNK = 1024
@@ -193,6 +198,9 @@ def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
                                                                   [(P1, -1)])
     T = len(recipe)
     outs = []
+    if evals and not nodes.per_sample:        # all nodes per call, fewer tangents (each
+        q = int((nodes.w != 0).sum())           # tangent also costs D-sized parameter tangents:
+        chunk = min(chunk, max(TANGENTS_PER_CALL, evals // max(2 * q, 1)))   # half the budget)
     for a in range(0, T, chunk):
         # row by row: one [T_c, D] buffer, no [T_c, D] temporaries (masks, gathers) per step
         V = torch.empty(min(T, a + chunk) - a, vecs.shape[1], dtype=B.dtype, device=B.device)

@@ -66,9 +66,9 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
            "reverse": {"cost": rev_cost, "peak_bytes": base + per_sample * m_chunk * k_chunk // K},
            "tangents": T, "activations_per_sample": A}
     # tangent × node evaluations per call: as many as the budget and NODE_BATCH_BYTES of
-    # activations allow (4·M·A numbers per evaluation: the module outputs A counts, their
-    # tangents and the intermediates between them), at least one node of t_chunk tangents
-    per_eval = itemsize * 4 * M * A
+    # activations (2·M·A numbers per evaluation) allow, at least one node of t_chunk tangents
+    # (forward_step also calls with at most contraction.TANGENTS_PER_CALL tangents)
+    per_eval = itemsize * 2 * M * A
     evals = min((budget - base) // max(per_tangent, 1), NODE_BATCH_BYTES // max(per_eval, 1),
                 t_chunk * max(Q, 1) * 8)
     eval_chunk = max(int(t_chunk), int(evals))
