@@ -8,7 +8,8 @@ Trains the paper's modular-addition transformer (explaind_fast.demos, grokking p
 recording, then times, on the recorded trajectory:
 
     layers×steps   params = the paper's six layers, steps="each", data="all", all logits, with each
-                   rule in --rules (default: the engine's adaptive default, kinks:8, midpoint:100)
+                   rule in --rules (default: the engine's default, auto, then kinks:8 and
+                   midpoint:100)
     parameters     params="parameter", steps="all", data="all": per-parameter importance over the
                    whole run (the pruning ranking), on --param-test test samples
     decoder window the decoder's train × test matrix (data="sample", output summed) for one window of
@@ -78,7 +79,7 @@ def main(argv=None):
     ap.add_argument("--size", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: the preset's (float64 on the CPU)")
-    ap.add_argument("--rules", default="adaptive:1e-6,kinks:8,midpoint:100")
+    ap.add_argument("--rules", default="auto,kinks:8,midpoint:100")
     ap.add_argument("--test", type=int, default=None, help="test samples (default: the preset's)")
     ap.add_argument("--param-test", type=int, default=8,
                     help="test samples of the per-parameter run (its result is D·M·O numbers)")

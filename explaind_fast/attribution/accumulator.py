@@ -56,12 +56,31 @@ class Accumulator:
         return self.values(s), self.values(s + 1)
 
     # ------------------------------------------------------------------ quadrature
-    def nodes(self, s: int, theta_s: torch.Tensor, delta: torch.Tensor) -> NodeSet:
-        """The quadrature rule's nodes for step s; what finding them cost is counted."""
+    def nodes(self, s: int, theta_s: torch.Tensor, delta: torch.Tensor,
+              deferred: bool = False) -> NodeSet:
+        """The quadrature rule's nodes for step s; what finding them cost is counted.
+        ``deferred``: the caller will report φ_s·Δ_s at these nodes to :meth:`refine` (a rule
+        that checks its residual may then return its first guess unchecked)."""
         pb = self.problem
-        step = PathStep(s, theta_s, delta, pb.tf, lambda: self.endpoints(s))
+        step = PathStep(s, theta_s, delta, pb.tf, lambda: self.endpoints(s), deferred)
         nodes, stats = pb.rule.evaluate(step)
         self._count(s, nodes, stats)
+        self.node_jd = stats.jd        # φ_s·Δ_s at these nodes when the rule computed it
+        self._refine = stats.refine
+        return nodes
+
+    def refine(self, s: int, jd: torch.Tensor):
+        """After a deferred :meth:`nodes`: None when φ_s·Δ_s = jd satisfies the rule, else the
+        rule's next NodeSet for step s (contract again with it)."""
+        refine, self._refine = getattr(self, "_refine", None), None
+        if refine is None:
+            return None
+        out = refine(jd)
+        if out is None:
+            return None
+        nodes, stats = out
+        self._count(s, nodes, stats)
+        self.node_jd, self._refine = stats.jd, stats.refine
         return nodes
 
     def _count(self, s: int, nodes: NodeSet, stats: NodeStats) -> None:

@@ -187,8 +187,8 @@ def finish(cert: Certificate, *, kernel_rows: torch.Tensor, reg_rows: torch.Tens
         cert.problems.append(
             f"the quadrature rule is not exact at steps {_steps_text(cert.quadrature_failed_steps)} "
             f"(relative residual up to {worst:.3g} > {cert.quadrature_tolerance:.3g}): the split "
-            "over steps, parameters and data carries that error; use quadrature='kinks:n' "
-            "(piecewise models) or more Gauss–Legendre nodes")
+            "over steps, parameters and data carries that error; use quadrature='auto' "
+            "(kink-aware on piecewise models, Gauss–Legendre with an error estimate otherwise)")
     return cert
 
 

@@ -9,115 +9,133 @@ per-sample reverse-mode Jacobians, then the segment contraction out[g, r, p] = �
 (explaind_fast.ops.path_kernel_reduce when available, else a torch fallback).
 Peak memory ≈ itemsize·m_c·K·(2D + A) plus the contraction's (fallback with many groups: R_c·P·D).
 
-Both accept shared ([Q]) and per-sample ([M, Q]) NodeSets: per-sample θ(t_{m,q}) = θ_s + t_{m,q}Δ_s
-under vmap over samples.
+Both accept shared ([Q]) and per-sample ([M, Q]) NodeSets. Per-sample nodes (and reverse mode)
+evaluate rows (sample, t) at θ_s + tΔ_s with shared weights, ops affine in their parameters split
+along the segment (:mod:`explaind_fast.quadrature.pathmode`): no per-row parameter vectors.
+Shared nodes may carry soft activation patterns (:mod:`explaind_fast.quadrature.kinks.patterns`).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch.func import jacrev, jvp, vmap
 
 from ..model import TestFunction
-from ..model import inputs as _in
 from ..quadrature import NodeSet
+from ..quadrature.pathmode import PathFunction
 from .granularity import ParamGroups
 
 _FALLBACK_LOOP_MAX_GROUPS = 64
 
 
-def _targets_or_dummy(tf: TestFunction, idx):
-    return (_in.take(tf.targets, idx), 0) if tf.targets is not None else (None, None)
+#: forward mode, shared nodes: tangents per call are cut (down to this many) so that all nodes fit
+#: in one call of the planner's eval_chunk evaluations — the primal is a small part of a JVP's
+#: cost, and the call's working set grows with tangents × nodes
+TANGENTS_PER_CALL = 4
+
+#: (sample, node) rows per vmapped call of the per-sample paths, divided by the number of tangents
+#: (forward mode) or outputs (reverse mode): bounds the activations held by one call
+ROW_CHUNK = 1024
+
+
+def _sample_ids(M: int, idx) -> torch.Tensor:
+    """Global test-sample indices of the rows idx (a slice or an index tensor)."""
+    return torch.arange(M)[idx] if isinstance(idx, slice) else torch.as_tensor(idx).reshape(-1)
 
 
 def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents: torch.Tensor,
                      idx=slice(None), max_evals: Optional[int] = None) -> torch.Tensor:
     """Σ_q w_q J(θ(t_q))·v for each tangent v: [T, D] -> [T, m, K] (test samples idx).
 
-    Shared nodes: (node, tangent) pairs run in one nested vmap, max(1, max_evals // T) nodes per
-    call (max_evals: JVP evaluations over all m samples per call, the planner's tangent_chunk;
-    None = all nodes at once), so a step costs a few calls instead of one per node.
-    Memory ≈ itemsize·(q_c·D + q_c·T·2·m·A) for q_c nodes per call.
-    Per-sample nodes: one call per node column, vmapped over the samples whose weight there is
-    non-zero (the padding of shorter rules is skipped). Zero-weight nodes add nothing either way.
+    Shared nodes: θ(t_q) is formed once per node and all m samples are batched;
+    max(1, max_evals // T) nodes per call (max_evals: JVP evaluations over all m samples per call,
+    the planner's tangent_chunk; None = all nodes at once), vmap over tangents outside, jvp, vmap
+    over nodes inside (the primal runs once for all tangents). Soft activation patterns
+    (``nodes.patterns``) are applied per (node, sample). Memory ≈ itemsize·(q_c·D + q_c·T·2·m·A).
+    Per-sample nodes: every (sample, node) pair with a non-zero weight is one row (the padding of
+    shorter rules is skipped), evaluated at θ_s + t Δ_s with shared weights
+    (:class:`explaind_fast.quadrature.pathmode.PathFunction`: no per-row parameter vectors),
+    ROW_CHUNK // T rows per call. Memory ≈ itemsize·rows·T·c·A (c ≈ 4).
     """
-    X = _in.take(tf.X, idx)
-    m, T = _in.batch_size(X), tangents.shape[0]
+    m = len(_sample_ids(tf.M, idx))
+    T = tangents.shape[0]
+    pf = PathFunction.of(tf, theta_s, delta, nodes.patterns)
     if not nodes.per_sample:
         keep = nodes.w != 0
         t, w = nodes.t[keep].to(theta_s), nodes.w[keep].to(theta_s)
-        F = lambda th: tf.values(th, idx)                              # noqa: E731
-        both = vmap(lambda th: vmap(lambda v: jvp(F, (th,), (v,))[1])(tangents))
+        mu = None
+        if nodes.patterns is not None:
+            mu = nodes.patterns.mu[keep.to(nodes.patterns.mu.device)][:, idx].to(theta_s)
         step = len(t) if max_evals is None else max(1, int(max_evals) // max(T, 1))
         acc = None
         for a in range(0, len(t), max(step, 1)):
-            ths = theta_s[None] + t[a:a + step, None] * delta[None]    # [q_c, D]
-            out = torch.tensordot(w[a:a + step], both(ths), dims=1)     # [T, m, K]
-            acc = out if acc is None else acc + out
+            out = pf.jvp_shared(t[a:a + step], idx, tangents,
+                                None if mu is None else mu[a:a + step])       # [T, q_c, m, K]
+            out = torch.tensordot(out, w[a:a + step], dims=([1], [0]))       # [T, m, K]
+            acc = out if acc is None else acc.add_(out)
         if acc is None:                                                # every weight was zero
             K = tf.values(theta_s, idx).shape[-1]
             acc = torch.zeros(T, m, K, dtype=theta_s.dtype, device=theta_s.device)
         return acc
-    tg, tg_dim = _targets_or_dummy(tf, idx)
-
-    def per_sample(th, x, y):
-        f = lambda tt: tf.single(tt, x, y)                            # noqa: E731
-        return vmap(lambda v: jvp(f, (th,), (v,))[1])(tangents)         # [T, K]
-    t_all = nodes.t[idx].to(theta_s)
-    w_all = nodes.w[idx].to(theta_s)
+    gid = _sample_ids(tf.M, idx)
+    w_all = nodes.w[idx]
+    local, q = torch.nonzero(w_all != 0, as_tuple=True)                # rows with weight
+    t_rows = nodes.t[idx][local, q].to(theta_s)
+    w_rows = w_all[local, q].to(theta_s)
+    step = max(1, ROW_CHUNK // max(T, 1))
     acc = None
-    for q in range(nodes.num_nodes):
-        live = (w_all[:, q] != 0).nonzero().flatten()                 # samples using slot q
-        if len(live) == 0:
-            continue
-        ths = theta_s[None] + t_all[live, q, None] * delta[None]       # [l, D]
-        out = tf.fm.vmap(per_sample, (0, 0, tg_dim))(
-            ths, _in.take(X, live), None if tg is None else _in.take(tg, live))  # [l, T, K]
-        out = w_all[live, q, None, None] * out
+    for a in range(0, len(local), step):
+        out = pf.jvp_rows(gid[local[a:a + step]], t_rows[a:a + step], tangents)   # [T, r, K]
+        out = out * w_rows[a:a + step, None]
         if acc is None:
-            acc = torch.zeros((m,) + out.shape[1:], dtype=out.dtype, device=out.device)
-        acc[live] += out
+            acc = torch.zeros((T, m) + out.shape[2:], dtype=out.dtype, device=out.device)
+        acc.index_add_(1, local[a:a + step].to(out.device), out)
     if acc is None:
         K = tf.values(theta_s, idx).shape[-1]
-        acc = torch.zeros(m, T, K, dtype=theta_s.dtype, device=theta_s.device)
-    return acc.transpose(0, 1)
+        acc = torch.zeros(T, m, K, dtype=theta_s.dtype, device=theta_s.device)
+    return acc
 
 
 def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs: int = 64,
                 ks=slice(None)) -> torch.Tensor:
     """φ_s rows of test samples idx, outputs ks: Σ_q w_q J(θ(t_q)) as [m, K_c, D].
 
-    The (sample, node) pairs are evaluated max_pairs at a time in one vmap(jacrev) call
-    (memory ≈ max_pairs·K·(D + A) numbers)."""
-    X = _in.take(tf.X, idx)
-    m = _in.batch_size(X)
+    The (sample, node) pairs with a non-zero weight are evaluated max_pairs at a time in one
+    vmap(jacrev) call at θ_s + tΔ_s with shared weights (no per-pair parameter vectors;
+    memory ≈ max_pairs·K·(D + A) numbers for the Jacobians) and summed into their samples in
+    place."""
+    gid = _sample_ids(tf.M, idx)
+    m = len(gid)
     if nodes.per_sample:
         t, w = nodes.t[idx], nodes.w[idx]                              # [m, Q]
     else:
         t, w = nodes.t[None].expand(m, -1), nodes.w[None].expand(m, -1)
     keep = w != 0                                                      # skip zero-weight padding
-    sample = torch.arange(m)[:, None].expand_as(t)[keep]
-    t, w = t[keep].to(theta_s), w[keep].to(theta_s)
-    tg = None if tf.targets is None else _in.take(tf.targets, idx)
-    jac = tf.fm.vmap(jacrev(lambda th, x, y: tf.single(th, x, y)[ks]),
-                     (0, 0, None if tg is None else 0))
+    local, q = torch.nonzero(keep, as_tuple=True)
+    t, w = t[local, q].to(theta_s), w[local, q].to(theta_s)
+    mu_all = None
+    if nodes.patterns is not None:
+        mu_all = nodes.patterns.mu[:, idx].to(theta_s)                 # [Q, m, U]
+    pf = PathFunction.of(tf, theta_s, delta, nodes.patterns)
     phi = None
-    for a in range(0, len(sample), max(1, max_pairs)):
-        sl = slice(a, a + max(1, max_pairs))
-        si = sample[sl]
-        ths = theta_s[None] + t[sl, None] * delta[None]
-        J = jac(ths, _in.take(X, si), None if tg is None else _in.take(tg, si))
+    step = max(1, max_pairs)
+    for a in range(0, len(local), step):
+        si, qi = local[a:a + step], q[a:a + step]
+        mu = None if mu_all is None else mu_all[qi, si]
+        J = pf.jacobian_rows(gid[si], t[a:a + step], ks, mu)          # [c, K, D]
         J = J.contiguous()                        # (vmap may return an expanded Jacobian)
-        J.mul_(w[sl, None, None])                 # [c, K, D]; in place: J is fresh, c·K·D numbers
+        J.mul_(w[a:a + step, None, None])         # in place: J is fresh, c·K·D numbers
+        if phi is None:
+            phi = torch.zeros((m,) + J.shape[1:], dtype=J.dtype, device=J.device)
         if J.device.type == "cpu" and bool(torch.isfinite(J).all()):
             # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
             onehot = (torch.arange(m)[:, None] == si[None, :]).to(device=J.device, dtype=J.dtype)
-            part = (onehot @ J.reshape(J.shape[0], -1)).reshape((m,) + J.shape[1:])
+            phi.view(m, -1).addmm_(onehot, J.reshape(J.shape[0], -1))
         else:   # (on CPU: 0·NaN in the matmul would spread a sample's NaN/inf to all samples)
-            part = torch.zeros((m,) + J.shape[1:], dtype=J.dtype, device=J.device)
-            part.index_add_(0, si.to(J.device), J)
-        phi = part if phi is None else phi + part
+            phi.index_add_(0, si.to(J.device), J)
+    if phi is None:
+        K = tf.values(theta_s, idx)[:, ks].shape[-1]
+        phi = torch.zeros(m, K, theta_s.shape[0], dtype=theta_s.dtype, device=theta_s.device)
     return phi
 
 
@@ -160,21 +178,51 @@ def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) ->
 
 # ------------------------------------------------------------------------------ one step, all rows
 def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
-                 B: torch.Tensor, chunk: int):
+                 B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None,
+                 evals: Optional[int] = None):
     """Forward mode for one step: ([G, P+1, M, K] contributions φ_s·B[p]|g before the minus sign,
     [M, K] φ_s·Δ_s for the residual). Tangents: one per (group, row of B) plus Δ_s, ``chunk`` at a
-    time."""
+    time. With data="all" (B = [−Δ_s − r_s; r_s], as built by phi_all_from_update) the tangents are
+    Δ_s|g and r_s|g (φ·B[0]|g = −φ·Δ_s|g − φ·r_s|g, φ·Δ_s = Σ_g φ·Δ_s|g): 2G instead of 2G + 1.
+    jd: φ_s·Δ_s [M, K] when the quadrature rule has already computed it at these nodes (Δ_s then
+    needs no tangent of its own). evals: tangent × node evaluations per call (the planner's
+    eval_chunk; default ``chunk``, one node per call)."""
     G, P1 = groups.G, B.shape[0]
-    T = G * P1 + 1
     ids = groups.ids.to(theta_s.device)
+    dependent = P1 == 2 and bool(torch.equal(B[0], torch.sub(-delta, B[1])))
+    vecs = torch.cat([B, delta[None]])                                 # rows 0..P1-1: B, P1: Δ
+    if dependent:                     # (vector, group): r|g for every g, Δ|g unless jd covers G = 1
+        recipe = [(1, g) for g in range(G)] + ([] if (jd is not None and G == 1) else
+                                               [(P1, g) for g in range(G)])
+    else:
+        recipe = [(p, g) for g in range(G) for p in range(P1)] + ([] if jd is not None else
+                                                                  [(P1, -1)])
+    T = len(recipe)
     outs = []
+    if evals and not nodes.per_sample:        # all nodes per call, fewer tangents (each
+        q = int((nodes.w != 0).sum())           # tangent also costs D-sized parameter tangents:
+        chunk = min(chunk, max(TANGENTS_PER_CALL, evals // max(2 * q, 1)))   # half the budget)
     for a in range(0, T, chunk):
-        t = torch.arange(a, min(T, a + chunk), device=theta_s.device)
-        g, p = t // P1, t % P1
-        V = B[p.clamp_max(P1 - 1)] * (ids[None, :] == g[:, None]).to(B.dtype)
-        V[t == T - 1] = delta                                          # the last tangent is Δ_s
-        outs.append(forward_contract(tf, theta_s, delta, nodes, V, max_evals=chunk))
-    out = torch.cat(outs)                                              # [T, M, K]
+        # row by row: one [T_c, D] buffer, no [T_c, D] temporaries (masks, gathers) per step
+        V = torch.empty(min(T, a + chunk) - a, vecs.shape[1], dtype=B.dtype, device=B.device)
+        for i, (v, g) in enumerate(recipe[a:a + chunk]):
+            if g < 0:
+                V[i] = vecs[v]
+            else:
+                torch.where(ids == g, vecs[v], torch.zeros((), dtype=B.dtype, device=B.device),
+                            out=V[i])
+        outs.append(forward_contract(tf, theta_s, delta, nodes, V,
+                                     max_evals=max(chunk, evals or 0)))
+    out = torch.cat(outs) if outs else None                            # [T, M, K]
+    if dependent:
+        Jr = out[:G]                                                   # [G, M, K]
+        Jd = out[G:] if len(recipe) > G else None
+        jd_ = jd if jd is not None else Jd.sum(0)
+        Jd = Jd if Jd is not None else jd[None]                        # G == 1
+        res = torch.stack([-Jd - Jr, Jr], dim=1)                       # [G, 2, M, K]
+        return res, jd_
+    if jd is not None:
+        return out.reshape(G, P1, *out.shape[1:]), jd
     return out[:-1].reshape(G, P1, *out.shape[1:]), out[-1]
 
 

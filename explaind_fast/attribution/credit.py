@@ -47,13 +47,17 @@ def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
         else:
             phi_all_from_update(delta, r, out=B[0])
         B[P] = r
-        nodes = acc.nodes(s, th, delta)
-        if pb.plan.mode == "forward":
-            out, jd = forward_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan.tangent_chunk)
-            acc.ev_jvp[s] += nodes.num_nodes * (pb.G * (P + 1) + 1)
-        else:
-            out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K)
-            acc.ev_jvp[s] += nodes.num_nodes * pb.M * pb.K
+        nodes = acc.nodes(s, th, delta, deferred=True)
+        while nodes is not None:       # a rule with a deferred residual check may ask again
+            if pb.plan.mode == "forward":
+                out, jd = forward_step(pb.tf, pb.groups, th, delta, nodes, B,
+                                       pb.plan.tangent_chunk, jd=acc.node_jd,
+                                       evals=pb.plan.eval_chunk)
+                acc.ev_jvp[s] += nodes.num_nodes * (pb.G * (P + 1) + 1)
+            else:
+                out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K)
+                acc.ev_jvp[s] += nodes.num_nodes * pb.M * pb.K
+            nodes = acc.refine(s, jd)
         acc.add_update_step(s, out)
         acc.certify(s, jd)
         bar.update(1)

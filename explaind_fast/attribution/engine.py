@@ -33,7 +33,7 @@ from .result import Attribution
 
 def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
               output="logits", model_output="logits", params="all", data="all", steps="all",
-              quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
+              quadrature="auto", mode="auto", memory_budget=None, dtype=None,
               device=None, progress=True, credit="auto", max_intervals=64,
               strict=False) -> Attribution:
     """ExPLAIND contributions of a recorded training run, summed to the requested granularity.
@@ -67,7 +67,10 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
             "neuron" | "parameter" | int64 [D] group map.
         data: "all" (no gradient recomputation) | "label" | "sample" | int [n_train] partition.
         steps: "each" | window length | list of boundaries | "all".
-        quadrature: "midpoint:n" | "gauss-legendre:n" | "adaptive:tol" | "kinks:n" |
+        quadrature: "auto" (default: the kink-aware rule "kinks:3" when the model has piecewise
+            ops the kink search sees — ReLU, max-pool, abs, clamp … —, Gauss–Legendre with an
+            error estimate otherwise; ``Attribution.quadrature`` says what it chose) |
+            "midpoint:n" | "gauss-legendre:n" | "adaptive:tol" | "kinks:n" |
             callable(s, theta_s, delta_s) -> NodeSet ([Q] or per-sample [M, Q]).
         mode: "forward" | "reverse" | "auto" (planner).
         memory_budget: bytes for the chunked work buffers (default 2 GiB); chunks shrink to fit.

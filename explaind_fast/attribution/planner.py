@@ -22,6 +22,10 @@ from dataclasses import dataclass, asdict, field
 
 DEFAULT_BUDGET = 2 * 1024 ** 3
 MAX_PAIRS = 1024
+#: activations one forward-mode call may hold when it batches quadrature nodes (many small calls
+#: cost more than the work on a small test set; tensors past ~32 MB are mmap-ed and zeroed by
+#: the kernel on every call)
+NODE_BATCH_BYTES = 16 * 1024 ** 2
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Plan:
     mode_reason: str = ""
     per_sample: str = "vmap"
     buffers: str = ""
+    #: forward mode: tangent × node JVP evaluations (over all test samples) per call
+    eval_chunk: int = 0
 
     def to_dict(self):
         return asdict(self)
@@ -75,8 +81,15 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     est = {"forward": {"cost": fwd_cost, "peak_bytes": base + per_tangent * min(T, t_chunk)},
            "reverse": {"cost": rev_cost, "peak_bytes": base + per_sample * m_chunk * k_chunk // K},
            "tangents": T, "activations_per_sample": A}
+    # tangent × node evaluations per call: as many as the budget and NODE_BATCH_BYTES of
+    # activations (2·M·A numbers per evaluation) allow, at least one node of t_chunk tangents
+    # (forward_step also calls with at most contraction.TANGENTS_PER_CALL tangents)
+    per_eval = itemsize * 2 * M * A
+    evals = min((budget - base) // max(per_tangent, 1), NODE_BATCH_BYTES // max(per_eval, 1),
+                t_chunk * max(Q, 1) * 8)
+    eval_chunk = max(int(t_chunk), int(evals))
     if mode == "auto":
         mode = "reverse" if (credit == "gradient" or rev_cost < fwd_cost) else "forward"
     return Plan(mode=mode, credit=credit, memory_budget=budget, tangent_chunk=int(t_chunk),
                 sample_chunk=int(m_chunk), output_chunk=int(k_chunk), pair_chunk=int(pair_chunk),
-                estimates=est)
+                estimates=est, eval_chunk=eval_chunk)

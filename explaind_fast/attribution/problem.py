@@ -170,8 +170,10 @@ def activation_count(model, call):
     return total[0], y
 
 
-#: quadrature rules that evaluate J·Δ with forward-mode JVPs whatever the contraction mode
-_JVP_RULES = ("adaptive", "kinks")
+#: quadrature rules that evaluate J·Δ with forward-mode JVPs whatever the contraction mode (the
+#: default "auto" checks every step's residual with them, as "adaptive" does, and its kink search
+#: differentiates the switching functions along the segment)
+_JVP_RULES = ("adaptive", "kinks", "auto", "gauss-legendre-checked")
 
 
 def _test_data(test_inputs, test_targets, dtype, device):
@@ -235,7 +237,7 @@ def per_sample_text(fm: FunctionalModel) -> str:
 
 def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=None, loss_fn=None,
             output="logits", model_output="logits", params="all", data="all", steps="all",
-            quadrature="adaptive:1e-6", mode="auto", memory_budget=None, dtype=None,
+            quadrature="auto", mode="auto", memory_budget=None, dtype=None,
             device=None, credit="auto", max_intervals=64) -> Problem:
     """Validate the arguments of :func:`explaind_fast.attribute` (same names) and build a Problem."""
     traj = trajectory
@@ -335,10 +337,11 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
                              "mode='reverse' (or 'auto') with a fixed quadrature such as "
                              "quadrature='gauss-legendre:8'")
         if rule.kind in _JVP_RULES:
-            raise ValueError(f"quadrature={rule.text!r} evaluates J·Δ with forward-mode JVPs, but "
-                             f"the model calls {missing}, which has no forward-mode derivative in "
-                             "torch; use a fixed rule such as quadrature='gauss-legendre:8' "
-                             "(reverse mode is then planned)")
+            how = ("evaluates J·Δ with forward-mode JVPs" if rule.kind in ("adaptive", "kinks")
+                   else "checks its residual with forward-mode JVPs of J·Δ, as 'adaptive' does")
+            raise ValueError(f"quadrature={rule.text!r} {how}, but the model calls {missing}, "
+                             "which has no forward-mode derivative in torch; use a fixed rule "
+                             "such as quadrature='gauss-legendre:8' (reverse mode is then planned)")
         mode = "reverse"
         mode_reason = f"reverse: {missing} has no forward-mode derivative in torch"
     per_sample = vmap_probe(tf, theta0)

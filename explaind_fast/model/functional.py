@@ -13,6 +13,7 @@ torch.compile'd module is evaluated through its plain module (:func:`.inputs.unw
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Optional
 
 import torch
@@ -55,16 +56,39 @@ class FunctionalModel:
             self.base[k] = v.to(dtype) if (dtype is not None and v.is_floating_point()) else v
         self.vectorize = True
         self.loop_reason = ""
+        #: torch.compile'd submodules inside the (unwrapped) model
+        self.compiled = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 
     def params(self, theta: torch.Tensor) -> dict:
         """{name: tensor} of every parameter and buffer with the trainable ones taken from θ."""
-        flat = self.layout.unflatten(theta)
+        return self.params_from(self.layout.unflatten(theta))
+
+    def params_from(self, flat: dict) -> dict:
+        """{name: tensor} of every parameter and buffer with the trainable ones the tensors of
+        ``flat`` themselves ({layout (canonical) name: tensor}, e.g. ``layout.unflatten(θ)``),
+        under the module's own names (a caller may recognise them by identity, as
+        :class:`explaind_fast.quadrature.pathmode.PathMode` does)."""
         return {**self.base, **{self.actual.get(k, k): v for k, v in flat.items()}}
+
+    def call_with(self, params: dict, inputs):
+        """The model's own output with the parameters and buffers ``params`` (see
+        :meth:`params_from`) on ``inputs`` (the calling convention of :mod:`.inputs`)."""
+        args, kwargs = _in.call_args(inputs)
+        return functional_call(self.model, params, args, kwargs)
+
+    def eager(self):
+        """Context manager: torch.compile'd submodules run their plain forward
+        (``torch.compiler.set_stance("force_eager")``), so that a TorchFunctionMode around a call
+        (:class:`explaind_fast.quadrature.pathmode.PathMode`) sees and may replace every op
+        (dynamo would trace the mode's handlers instead); a no-op for a model without them."""
+        stance = getattr(torch.compiler, "set_stance", None)
+        if not self.compiled or stance is None:
+            return contextlib.nullcontext()
+        return stance("force_eager")
 
     def raw(self, theta: torch.Tensor, inputs):
         """The model's own output (tensor, tuple or ModelOutput) at θ."""
-        args, kwargs = _in.call_args(inputs)
-        return functional_call(self.model, self.params(theta), args, kwargs)
+        return self.call_with(self.params(theta), inputs)
 
     def __call__(self, theta: torch.Tensor, *inputs):
         """f_θ(inputs) -> the selected output tensor. One argument is the input pytree; several

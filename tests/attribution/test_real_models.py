@@ -185,7 +185,8 @@ def test_gpt2_lm_loss_and_position_logits_exact(gpt2_run, data):
 
 
 def test_gpt2_forward_mode_default_quadrature(gpt2_run):
-    """SDPA under forward-mode AD: mode="forward" with the default adaptive quadrature."""
+    """SDPA under forward-mode AD: mode="forward" with the default quadrature ("auto": on GPT-2,
+    Gauss–Legendre with an error estimate)."""
     model, traj, _train, test = gpt2_run
     with warnings.catch_warnings():
         warnings.simplefilter("error", ef.AttributionWarning)

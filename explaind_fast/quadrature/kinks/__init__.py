@@ -8,44 +8,55 @@ integrand is smooth, so Gauss–Legendre on each piece converges geometrically i
 
 For every test sample this module finds the breakpoints t ∈ (0, 1):
 
-1. **Capture.** The model is evaluated functionally under a ``TorchFunctionMode`` that records the
-   switching functions of every piecewise torch call (``F.relu``, ``nn.ReLU``, ``torch.abs``,
-   ``clamp``, ``maximum``, ``F.max_pool2d`` …; see :data:`SWITCHES`). Ops that are piecewise but that
-   this rule cannot handle (``sign``, ``round``, ``topk`` …) are reported in ``Kinks.unseen`` and with
-   a warning; users declare their own with ``activations=``.
-2. **Bracket.** z and dz/dt (forward mode, ``torch.func.jvp``) are evaluated for all samples at once
-   on a shared grid of ``grid + 1`` points. A sign change in a cell brackets a crossing; a cubic
-   Hermite fit of (z, dz/dt) flags cells where z may dip through zero and come back, which are
-   probed with one extra evaluation.
-3. **Polish.** Each bracket is refined by safeguarded Newton iterations (falls back to bisection),
-   evaluating that sample at its own t (``vmap`` over per-row parameters θ_s + tΔ_s), to
-   ``tol_t`` (1e-14 by default) in t. For a max (max-pool, torch.max over a dim) every pair of
-   candidates of a window is a switching function, and a root is kept only where one of the pair
-   is the window's maximum (a real change of the argmax).
-4. **Verify.** Downstream of a kink a switching function is only piecewise smooth inside its grid
-   cell (ReLU after ReLU, max-pool after conv+ReLU), where the dip test is not trustworthy. Every
-   cell holding kinks is re-scanned piece by piece, with one-sided values just inside each piece,
-   until no piece reveals a new kink. Cells without kinks are smooth for every unit.
+1. **Capture.** The model is evaluated functionally under a ``TorchFunctionMode``
+   (:class:`explaind_fast.quadrature.pathmode.PathMode`) that records the switching functions of
+   every piecewise torch call (``F.relu``, ``nn.ReLU``, ``torch.abs``, ``clamp``, ``maximum``,
+   ``F.max_pool2d`` …; see :data:`SWITCHES`) and stops the forward pass after the last one. Ops
+   that are piecewise but that this rule cannot handle (``sign``, ``round``, ``topk`` …) are
+   reported in ``Kinks.unseen`` and with a warning; users declare their own with ``activations=``.
+   Rows (sample, t) are evaluated with shared weights, the ops affine in their parameters split
+   along the segment: no per-row parameter vectors θ_s + tΔ_s.
+2. **Search** (``method="chebyshev"``, the default, :mod:`.layered`). Each sample's [0, 1] is one
+   piece; a round evaluates every open piece at its Chebyshev–Lobatto points (all samples and
+   pieces in one batched call) and interpolates every switching function. A converged interpolant
+   (last coefficients under ``tol`` of the block's scale) is smooth on the piece: its roots are
+   taken from the interpolant (:mod:`.chebyshev`: fine-grid brackets, a cubic Hermite dip test,
+   safeguarded Newton on the series), with no further model evaluation. A function that has not
+   converged is either under-resolved (the piece gets twice the points, every value reused) or
+   downstream of a kink inside the piece (ReLU after ReLU, max-pool after conv + ReLU): the piece
+   is split at the roots found and its sub-pieces are searched again. For a max (max-pool,
+   torch.max over a dim) the switching functions are differences of two candidates, and a root is
+   kept only where the pair is the window's maximum (a real change of the argmax).
+   ``method="bracket"``: the earlier search — a shared grid of ``grid + 1`` forward-mode passes, a
+   Hermite dip test, Newton polishing per kink at its own t and verification rounds per cell.
+3. **Nodes** (:mod:`.pieces`, :mod:`.patterns`). Gauss–Legendre-n on every smooth piece per sample
+   (an [M, Q] NodeSet), or — when the piecewise ops do not feed one another and the output is
+   affine in their switches (one ReLU layer followed by linear maps: the grokking transformer) —
+   soft activation patterns at shared nodes: every sample at the same Q Gauss–Legendre nodes, the
+   switch of each unit replaced by its integral against the node's Lagrange basis polynomial
+   over the unit's on-set (exact up to the interpolation error of the smooth parts, checked in the
+   Δ direction; :class:`explaind_fast.quadrature.rules.KinkRule` chooses).
 
 Only breakpoints strictly inside (0, 1) split the interval; ones closer than ``merge_tol`` are merged.
 A unit that touches zero without crossing creates no breakpoint (the integrand is continuous there).
 Switching functions are continuous in t even when upstream units switch (compositions of continuous
-maps), so brackets always hold a root.
+maps), so a sign change always holds a root.
 
 Known limits (the quadrature residual certifies every step and shows them): a dip through zero
-that the cubic Hermite fit of a kink-free cell does not flag (its depth below the fit's error);
-kinks closer than ``side`` (1e-11) to another kink; max-type ops with more than
-:data:`PAIRWISE_MAX_CANDIDATES` candidates use differences to the cell-start argmax only.
+narrower than the fine grid of an interpolant that its Hermite test does not flag; kinks closer
+than ``merge_tol`` (1e-12) to another; max-type ops with more than 16 candidates pair only the
+candidates that are on top at some sample point with the others.
 
-Cost: ``grid + 1`` batched forward-mode passes over the M samples, plus about one to two
-single-sample forward-mode passes per breakpoint to polish it and two to verify its pieces
-(measured 2–4 per breakpoint, bench/bench_kinks.py). Peak memory: (grid + 1)·M·K floats for the
-switching values (K = switching values per sample, e.g. MLP width, or candidates of all max-pool
-windows) plus ``chunk_elems`` floats for the per-row parameter vectors θ_s + tΔ_s of the vmapped
-single-sample passes.
+Cost (Chebyshev search): on a model with one piecewise layer, one round of 11–41 batched forward
+passes (values only) over the M samples per step; with stacked piecewise layers, one round per
+layer of the chain, each evaluating 7–25 points on every piece still open. Peak memory: the
+switching values of one round, points × pieces × K floats (K = switching values per sample).
+Measured in bench/bench_kinks_speed.py (and bench/bench_kinks.py for accuracy).
 
-Modules: :mod:`.capture` (step 1 and the path evaluator), :mod:`.search` (steps 2–4),
-:mod:`.pieces` (the per-piece Gauss–Legendre rule and the forward-only residual check).
+Modules: :mod:`.capture` (step 1 and the path evaluator), :mod:`.search` (step 2: the entry
+point and the bracket method), :mod:`.layered` and :mod:`.chebyshev` (the Chebyshev search),
+:mod:`.pieces` (the per-piece Gauss–Legendre rule and the forward-only residual check),
+:mod:`.patterns` (soft activation patterns at shared nodes).
 """
 from .capture import SWITCHES, UNSUPPORTED
 from .pieces import TAPER_RHO, kink_nodes, nodes_from_breakpoints, nodes_per_piece, \

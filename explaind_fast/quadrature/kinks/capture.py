@@ -2,22 +2,24 @@
 
 An extractor maps a torch call (args, kwargs) to a list of (kind, tensor): ("sign", z), kinks where
 an element of z crosses zero; ("argmax", C), C[..., c] the candidates of a max, kinks where the
-argmax changes. :class:`_Capture` (a TorchFunctionMode) records them for every call of
-:data:`SWITCHES`; :class:`_Path` evaluates all of them, with their t-derivatives, along
-θ(t) = θ_s + tΔ_s for the search (:mod:`.search`). Overview: :mod:`explaind_fast.quadrature.kinks`.
+argmax changes. :class:`_Capture` records them for every call of :data:`SWITCHES` (it observes
+the ops of a :class:`explaind_fast.quadrature.pathmode.PathMode`); :class:`_Path` evaluates all of
+them, with or without their t-derivatives, along θ(t) = θ_s + tΔ_s for the search (:mod:`.search`),
+for many (sample, t) rows at once with shared weights. Overview: :mod:`explaind_fast.quadrature.kinks`.
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
-from torch.overrides import TorchFunctionMode
+from torch.func import jvp, vmap
 
 from ...model import FunctionalModel, ParamLayout
 from ...model import inputs as _in
+from ..pathmode import PathMode
 
 # An extractor maps a torch call (args, kwargs) to a list of (kind, tensor):
 #   ("sign", z)      kinks where an element of z crosses zero; z has the batch dim of the call.
@@ -219,31 +221,49 @@ UNSUPPORTED = _collect(
 
 
 def _name(func) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    q = getattr(func, "__qualname__", None)
+    if q and "<locals>" in q:                # F.max_pool2d is a boolean_dispatch wrapper
+        q = None
+    return q or getattr(func, "__name__", None) or repr(func)
 
 
-class _Capture(TorchFunctionMode):
-    """Records the switching functions of every piecewise torch call made under it."""
+class _Done(Exception):
+    """Raised by :class:`_Capture` once it has recorded every switching function of the model
+    (the rest of the forward pass is not needed)."""
+
+
+class _Capture:
+    """Records the switching functions of every piecewise torch call it observes (used by
+    :class:`explaind_fast.quadrature.pathmode.PathMode`, which calls :meth:`observe` before every op
+    of the model)."""
 
     def __init__(self, extra: Dict[Callable, Callable]):
-        super().__init__()
         self.extra = extra
         self.switches: List[Tuple[str, str, torch.Tensor]] = []  # (op name, kind, tensor)
+        self.funcs: List[Callable] = []                           # the torch callable of each
         self.unseen: List[str] = []
+        self.stop_after = None                                    # raise _Done at this count
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def _check_done(self):
+        if self.stop_after is not None and len(self.switches) >= self.stop_after:
+            raise _Done
+
+    def watches(self, func) -> bool:
+        return func in self.extra or func in SWITCHES or func in UNSUPPORTED
+
+    def observe(self, func, args, kwargs) -> None:
         extractor = self.extra.get(func) or SWITCHES.get(func)
         if extractor is not None and any(_is_float_tensor(a) for a in args[:2]):
             try:
                 for kind, z in extractor(args, kwargs):
                     if isinstance(z, torch.Tensor) and z.is_floating_point():
                         self.switches.append((_name(func), kind, z))
+                        self.funcs.append(func)
             except _Unsupported as why:
                 self.unseen.append(f"{_name(func)} ({why})")
+            self._check_done()
         elif func in UNSUPPORTED and args and _is_float_tensor(args[0]):
             self.unseen.append(_name(func))
-        return func(*args, **kwargs)
 
 
 def _module_switches(activations) -> Tuple[Dict[Callable, Callable], List]:
@@ -277,7 +297,7 @@ class _Path:
     """
 
     def __init__(self, model, layout: ParamLayout, theta, delta, inputs, activations,
-                 chunk_elems: int):
+                 chunk_elems: int, like: "Optional[_Path]" = None):
         if theta.dim() != 1 or theta.shape[0] != layout.D:
             raise ValueError(f"theta_s must be a flat [D={layout.D}] vector, got "
                              f"{tuple(theta.shape)}")
@@ -293,32 +313,48 @@ class _Path:
         self.inputs = _in.normalize(inputs)
         self.M = _in.batch_size(self.inputs, "test_inputs")
         self.fm = FunctionalModel(model, layout, dtype=theta.dtype, output=None)
+        self.dparams = layout.unflatten(self.delta)
         self.funcs, self.modules = _module_switches(activations)
         self.chunk_elems = chunk_elems
         self.unseen: List[str] = []
         self.shared_evals = 0
         self.row_evals = 0
-        self._layout_probe()
+        if like is not None and like.model is model and like.M == self.M:
+            # the same model and test inputs at another step: the call layout is the same
+            for k in ("unseen", "n_switches", "blocks", "block_funcs", "offsets", "K"):
+                setattr(self, k, copy.copy(getattr(like, k)))
+        else:
+            self._layout_probe()
 
     # --- raw capture -------------------------------------------------------------------------
     def _capture(self, t, inputs):
-        mode = _Capture(self.funcs)
+        """Run the model at θ_s + tΔ_s (t: a scalar, possibly dual or batched) on ``inputs`` and
+        record its switching functions. θ(t) is never formed: ops affine in their parameters are
+        split along the segment (:class:`explaind_fast.quadrature.pathmode.PathMode`)."""
+        rec = _Capture(self.funcs)
         handles = []
         for target, switch in self.modules:
             def pre_hook(mod, args, switch=switch):
                 zs = switch(*args) if switch is not None else args[0]
                 for z in _as_list(zs):
-                    mode.switches.append((type(mod).__name__, "sign", z))
+                    rec.switches.append((type(mod).__name__, "sign", z))
+                    rec.funcs.append(type(mod))
+                rec._check_done()
             for mod in self.model.modules():
                 if mod is target or (isinstance(target, type) and isinstance(mod, target)):
                     handles.append(mod.register_forward_pre_hook(pre_hook))
+        ps = self.layout.unflatten(self.theta)
+        delta_of = {id(ps[k]): self.dparams[k] for k in ps}
+        rec.stop_after = getattr(self, "n_switches", None)
         try:
-            with mode:
-                self.fm(self.theta + t * self.delta, inputs)
+            with self.fm.eager(), PathMode(delta_of, t, capture=rec):
+                self.fm.call_with(self.fm.params_from(ps), inputs)
+        except _Done:
+            pass                  # every switching function is recorded: the rest is not needed
         finally:
             for h in handles:
                 h.remove()
-        return mode
+        return rec
 
     def _layout_probe(self):
         """Find each switch's batch dimension (the one that grows from 1 to 2 samples)."""
@@ -335,7 +371,9 @@ class _Path:
                                    "and 2 samples; kink detection needs a fixed call sequence")
         else:
             shapes2 = None
+        self.n_switches = len(mode1.switches)    # later captures stop after the last one
         self.blocks = []  # (name, kind, batch dim, per-sample size, candidates)
+        self.block_funcs = list(mode1.funcs)
         dropped = []
         for i, (name, kind, z) in enumerate(mode1.switches):
             s1 = shapes1[i]
@@ -383,11 +421,16 @@ class _Path:
         self.shared_evals += 1
         return z.cpu(), dz.cpu()  # the search itself runs on the CPU (M·K values, small)
 
+    def _row_chunk(self) -> int:
+        """Rows per vmapped call: bounded by chunk_elems switching values (no per-row parameter
+        vectors exist, so a row costs its activations only)."""
+        return max(1, min(4096, self.chunk_elems // max(1, 8 * self.K)))
+
     def rows(self, sample: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Values and t-derivatives [R, K] of all switching functions of sample[r] at t[r]."""
         R = sample.shape[0]
         out_z, out_dz = [], []
-        step = max(1, self.chunk_elems // max(1, self.layout.D + self.K))
+        step = self._row_chunk()
 
         def one(tt, x):
             def f(t1):
@@ -405,3 +448,34 @@ class _Path:
             empty = torch.zeros(0, self.K, dtype=self.theta.dtype)
             return empty, empty
         return torch.cat(out_z), torch.cat(out_dz)
+
+    def values(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Values [R, K] of all switching functions of sample[r] at t[r] (no derivatives)."""
+        R = sample.shape[0]
+        outs = []
+        step = self._row_chunk()
+
+        def one(tt, x):
+            return self._flat(self._capture(tt, _in.unsqueeze(x)).switches, 1)[0]
+
+        with torch.no_grad():
+            for a in range(0, R, step):
+                xs = _in.take(self.inputs, sample[a:a + step])
+                outs.append(self.fm.vmap(one, (0, 0))(
+                    t[a:a + step].to(dtype=self.theta.dtype, device=self.theta.device),
+                    xs).cpu())
+        if not outs:
+            return torch.zeros(0, self.K, dtype=self.theta.dtype)
+        return torch.cat(outs)
+
+    def values_shared(self, ts: torch.Tensor) -> torch.Tensor:
+        """Values [q, M, K] of all switching functions at shared points ts [q], all samples."""
+        def at(tt):
+            return self._flat(self._capture(tt, self.inputs).switches, self.M)
+        outs = []
+        step = max(1, self._row_chunk() // max(1, self.M))
+        with torch.no_grad():
+            for a in range(0, len(ts), step):
+                outs.append(vmap(at)(ts[a:a + step].to(dtype=self.theta.dtype,
+                                                      device=self.theta.device)).cpu())
+        return torch.cat(outs) if outs else torch.zeros(0, self.M, self.K, dtype=self.theta.dtype)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ...model import ParamLayout
 from .capture import _Path
+from .chebyshev import hermite_extremum as _hermite_extremum
 
 @dataclass
 class Kinks:
@@ -28,6 +29,12 @@ class Kinks:
         unconverged: breakpoints whose Newton/bisection did not reach ``tol_t``.
         unverified: kinks found in the last allowed verification round (their pieces were not
             re-scanned).
+        rounds: ("chebyshev") search rounds (batched evaluations of the open pieces).
+        smooth: ("chebyshev") every switching function was smooth on all of [0, 1] (no piecewise
+            op feeds another within this step): the unit roots below are complete.
+        unit_roots: (sample [R], switching unit [R], t [R], direction [R] = +1 where the unit's
+            switching function goes from negative to positive) for sign switches, when smooth.
+        s0: bool [M, K], switching function > 0 just after t = 0 (when smooth).
     """
 
     breakpoints: List[torch.Tensor]
@@ -37,6 +44,10 @@ class Kinks:
     unseen: List[str] = field(default_factory=list)
     unconverged: int = 0
     unverified: int = 0
+    rounds: int = 0
+    smooth: bool = False
+    unit_roots: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    s0: Optional[torch.Tensor] = None
 
     @property
     def pieces(self) -> torch.Tensor:
@@ -99,36 +110,6 @@ def _gather(V, i):
     return Vp.gather(1, i)
 
 
-def _hermite_extremum(z0, z1, m0, m1):
-    """Extremum of the cubic Hermite fit p(0)=z0, p(1)=z1, p'(0)=m0, p'(1)=m1 (m = h·dz/dt) that
-    reaches furthest towards the side opposite to ``ref`` = sign(z0) (sign(m0) where z0 = 0).
-    Returns (τ ∈ (0,1), ref·p(τ), exists)."""
-    a = 2 * (z0 - z1) + m0 + m1
-    b = 3 * (z1 - z0) - 2 * m0 - m1
-    A, B, C = 3 * a, 2 * b, m0  # p'(τ) = Aτ² + Bτ + C
-    disc = B * B - 4 * A * C
-    sq = torch.sqrt(torch.clamp(disc, min=0))
-    # stable roots (no cancellation when A is tiny): q = −(B + sign(B)·√disc)/2, q/A and C/q
-    one = torch.ones_like(A)
-    q = -0.5 * (B + torch.where(B >= 0, sq, -sq))
-    r1 = q / torch.where(A == 0, one, A)
-    r1 = torch.where(A == 0, torch.full_like(A, float("nan")), r1)
-    r2 = C / torch.where(q == 0, one, q)
-    r2 = torch.where(q == 0, torch.full_like(A, float("nan")), r2)
-    ref = torch.where(z0 != 0, torch.sign(z0), torch.sign(m0))
-    tau = torch.full_like(z0, 0.5)
-    low = torch.full_like(z0, float("inf"))
-    exists = torch.zeros_like(z0, dtype=torch.bool)
-    for r in (r1, r2):
-        ok = (disc >= 0) & (r > 0) & (r < 1) & torch.isfinite(r)
-        p = ref * (((a * r + b) * r + m0) * r + z0)
-        better = ok & (p < low)
-        tau = torch.where(better, r, tau)
-        low = torch.where(better, p, low)
-        exists = exists | ok
-    return tau, low, exists
-
-
 def _hermite_root(z0, z1, m0, m1, iters: int = 4):
     """Root τ of the cubic Hermite fit in a sign-change cell (safeguarded Newton from the secant)."""
     a = 2 * (z0 - z1) + m0 + m1
@@ -143,10 +124,12 @@ def _hermite_root(z0, z1, m0, m1, iters: int = 4):
 
 
 def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tensor,
-               delta_s: torch.Tensor, test_inputs, *, activations=None, grid: int = 4,
+               delta_s: torch.Tensor, test_inputs, *, activations=None,
+               grid: Optional[int] = None,
                tol_t: float = 1e-14, max_iter: int = 60, verify: bool = True,
                max_rounds: int = 20, side: float = 1e-11, merge_tol: float = 1e-12,
-               chunk_elems: int = 1 << 24, warn: bool = True) -> Kinks:
+               chunk_elems: int = 1 << 24, warn: bool = True, method: str = "chebyshev",
+               tol: Optional[float] = None) -> Kinks:
     """Breakpoints t ∈ (0, 1) of t ↦ J(θ_s + tΔ_s) for each test sample (see module docstring).
 
     Args:
@@ -160,8 +143,15 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
             the module's first input crosses 0), torch callables (kink at 0 of the first arg),
             or pairs (module_or_callable, switch) with switch(*args) -> tensor(s) whose sign
             changes mark the kinks.
-        grid: cells of the shared bracketing grid (grid + 1 batched forward-mode passes).
-        tol_t: absolute tolerance on each breakpoint.
+        method: "chebyshev" (default): Chebyshev interpolation of the switching functions piece by
+            piece, roots from the interpolants (:mod:`.layered`; a few batched passes per round,
+            no per-kink evaluation); "bracket": the shared grid, Hermite dip test, Newton polish
+            per kink and verification rounds described in the package docstring.
+        tol: ("chebyshev") convergence tolerance of the interpolants, relative to each switching
+            block's scale (default max(1e-11, 64·eps)).
+        grid: "bracket": cells of the shared bracketing grid (grid + 1 batched forward-mode
+            passes); "chebyshev": initial cells per sample (1 is enough: pieces split themselves).
+        tol_t: ("bracket") absolute tolerance on each breakpoint.
         verify: re-scan the pieces of every grid cell that holds kinks (needed when piecewise
             ops feed each other, e.g. ReLU after ReLU: a downstream unit's switching function is
             then only piecewise smooth in its cell). Costs two single-sample passes per kink.
@@ -171,15 +161,37 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
         chunk_elems: bound on rows × (D + K) floats held by one vmapped polishing chunk.
         warn: emit a warning naming piecewise ops the rule cannot see.
     """
-    if grid < 1:
+    if grid is not None and grid < 1:
         raise ValueError(f"grid must be ≥ 1 cell, got {grid}")
+    if method not in ("chebyshev", "bracket"):
+        raise ValueError(f"method must be 'chebyshev' or 'bracket', got {method!r}")
     path = _Path(model, layout, theta_s, delta_s, test_inputs, activations, chunk_elems)
     if path.unseen and warn:
         warnings.warn("kink quadrature: the model uses piecewise ops whose breakpoints it cannot "
                       f"find: {', '.join(path.unseen)}; the quadrature residual will show their "
                       "error", stacklevel=2)
+    return search_path(path, grid=grid, tol_t=tol_t, max_iter=max_iter, verify=verify,
+                       max_rounds=max_rounds, side=side, merge_tol=merge_tol, method=method,
+                       tol=tol)
+
+
+def search_path(path: _Path, *, grid: Optional[int] = None, tol_t: float = 1e-14,
+                max_iter: int = 60, verify: bool = True, max_rounds: int = 20,
+                side: float = 1e-11, merge_tol: float = 1e-12, method: str = "chebyshev",
+                tol: Optional[float] = None) -> Kinks:
+    """:func:`find_kinks` on a prepared path evaluator (same options)."""
+    if path.K == 0:
+        e = torch.zeros(0, dtype=torch.int64)
+        return Kinks(breakpoints=[torch.zeros(0, dtype=torch.float64) for _ in range(path.M)],
+                     num_switches=0, shared_evals=0, row_evals=0, unseen=list(path.unseen),
+                     smooth=True, unit_roots=(e, e, torch.zeros(0, dtype=torch.float64),
+                                              torch.zeros(0, dtype=torch.float64)),
+                     s0=torch.zeros(path.M, 0, dtype=torch.bool))
+    if method == "chebyshev":
+        return _chebyshev(path, grid or 1, tol, max(max_rounds, 40), merge_tol)
+    grid = grid or 4
     M, K = path.M, path.K
-    dtype = theta_s.dtype
+    dtype = path.theta.dtype
     found: List[List[torch.Tensor]] = [[] for _ in range(M)]
     kinks = Kinks(breakpoints=[], num_switches=K, shared_evals=0, row_evals=0,
                   unseen=list(path.unseen))
@@ -254,6 +266,14 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
     kinks.breakpoints = [torch.sort(torch.tensor(f, dtype=torch.float64))[0] for f in found]
     kinks.shared_evals, kinks.row_evals = path.shared_evals, path.row_evals
     return kinks
+
+
+def _chebyshev(path, cells, tol, max_rounds, merge_tol) -> Kinks:
+    from .layered import search
+    r = search(path, cells=cells, tol=tol, max_rounds=max_rounds, merge_tol=merge_tol)
+    return Kinks(breakpoints=r.breakpoints, num_switches=path.K, shared_evals=r.shared_evals,
+                 row_evals=r.row_evals, unseen=list(path.unseen), unconverged=r.unconverged,
+                 rounds=r.rounds, smooth=r.smooth, unit_roots=r.unit_roots, s0=r.s0)
 
 
 def _scan(path, sample, lo, hi, Vlo, DVlo, Vhi, DVhi, interior_lo):

@@ -1,0 +1,136 @@
+"""The paper's transformer case, per test sample, on one CPU thread: midpoint:100 against the
+official ExPLAIND code (210 s per test sample at midpoint:100 with one thread) and the default
+rule (quadrature="auto") against midpoint:100.
+
+The case: the grokking model of the paper (explaind_fast.demos, preset "full": p = 113, d_model 64,
+4 heads of 16, MLP 512, ReLU, 4-token inputs), 4000 training pairs, 20 full-batch AdamW steps with
+the paper's hyperparameters (lr 1e-3, weight decay 4.0, betas (0.98, 0.99)), recorded once; then
+``attribute(params="all", data="all", steps="each", output="logits")`` — every logit, every step —
+on ``--test`` test samples with ``torch.set_num_threads(1)``, timed for each rule (``--repeats``
+interleaved runs, medians). Prints seconds per test sample, the speed-up against 210 s, the
+relative quadrature residual per step (max over steps) and what "auto" chose; writes
+bench/results/paper_case_cpu.json (``--out``) with the environment row.
+
+    python bench/bench_paper_case.py                       # float64, 100 test samples
+    python bench/bench_paper_case.py --dtype float32
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import warnings
+
+import torch
+
+from explaind_fast.testing import benchmark as bm
+
+OFFICIAL_SECONDS_PER_SAMPLE = 210.0      # official code, midpoint:100, one thread (the issue)
+TARGET_SPEEDUP = 2000.0
+
+
+def record(directory: str, dtype: torch.dtype, steps: int, threads: int):
+    from explaind_fast.demos.common import train_recorded
+    from explaind_fast.demos.grokking import PRESETS, build
+    cfg = PRESETS["full"]
+    torch.set_num_threads(threads)
+    data, model, opt = build(cfg, torch.device("cpu"), dtype)
+    tr = train_recorded(model, opt, data.train_x, data.train_y, data.test_x, data.test_y, directory,
+                        max_steps=steps, seed=cfg.seed, log=lambda s: None)
+    return cfg, data, model, tr
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--test", type=int, default=100, help="test samples attributed")
+    ap.add_argument("--steps", type=int, default=20, help="recorded full-batch steps")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--rules", default="midpoint:100,default",
+                    help="comma-separated; 'default' = attribute()'s default (quadrature='auto')")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved timed runs per rule")
+    ap.add_argument("--train-threads", type=int, default=None, help="threads while recording")
+    ap.add_argument("--out", default="paper_case_cpu.json",
+                    help="results file (a bare name: bench/results/<name>); '' = none")
+    args = ap.parse_args(argv)
+    from explaind_fast import attribute
+
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, data, model, tr = record(os.path.join(tmp, "trajectory"), dtype, args.steps,
+                                      args.train_threads or torch.get_num_threads())
+        traj = tr.trajectory
+        bm.set_threads(1)
+        env = bm.environment()
+        print(bm.format_environment(env))
+        X = data.test_x[:args.test]
+        print(f"# paper case: p={cfg.p}, D={traj.layout.D}, {cfg.n_train} train pairs, "
+              f"{traj.num_steps} full-batch AdamW steps (lr {cfg.lr}, weight decay "
+              f"{cfg.weight_decay}, betas {cfg.betas}), {len(X)} test samples x {model.vocab} "
+              f"logits, steps='each', {args.dtype}, 1 thread")
+
+        def run(rule):
+            kw = {} if rule == "default" else {"quadrature": rule}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")        # midpoint:100 is not exact: a certificate
+                return attribute(model, traj, X, params="all", data="all", steps="each",
+                                 output="logits", progress=False, **kw)
+
+        rules = [r for r in args.rules.split(",") if r]
+        run("midpoint:2")                                              # warm-up
+        samples = {r: [] for r in rules}
+        last = {}
+        for _ in range(args.repeats):
+            for rule in rules:
+                with bm.measure() as m:
+                    a = run(rule)
+                samples[rule].append(m)
+                last[rule] = a
+        rows = []
+        print("| rule | chosen | s / test sample (wall) | CPU s / sample | sys / user | "
+              "speed-up vs 210 s | max step rel. residual | nodes / step |")
+        print("|---|---|---|---|---|---|---|---|")
+        for rule in rules:
+            ms, a = samples[rule], last[rule]
+            wall = statistics.median(m.wall_s for m in ms)
+            cpu = statistics.median(m.user_s + m.system_s for m in ms)
+            user = statistics.median(m.user_s for m in ms)
+            sys_ = statistics.median(m.system_s for m in ms)
+            per = wall / len(X)
+            row = {"rule": rule, "chosen": a.quadrature, "wall_s": [m.wall_s for m in ms],
+                   "user_s": [m.user_s for m in ms], "system_s": [m.system_s for m in ms],
+                   "minor_faults": [m.minor_faults for m in ms],
+                   "seconds_per_test_sample": per, "cpu_seconds_per_test_sample": cpu / len(X),
+                   "speedup_vs_official": OFFICIAL_SECONDS_PER_SAMPLE / per,
+                   "max_step_residual_rel": float(a.step_residual_relative.max()),
+                   "reconstruction_error": float(a.reconstruction_error),
+                   "nodes_per_step": float(a.evaluations["quadrature_nodes"].double().mean()),
+                   "plan": {k: a.plan[k] for k in ("mode", "tangent_chunk", "eval_chunk")
+                            if k in a.plan}}
+            rows.append(row)
+            print(f"| {rule} | {a.quadrature[:60]} | {per:.4f} | {cpu / len(X):.4f} | "
+                  f"{sys_ / max(user, 1e-9):.1%} | {row['speedup_vs_official']:.0f}x | "
+                  f"{row['max_step_residual_rel']:.1e} | {row['nodes_per_step']:.1f} |")
+        by = {r["rule"]: r for r in rows}
+        summary = {}
+        if "midpoint:100" in by:
+            mp = by["midpoint:100"]
+            summary["midpoint100_target_s_per_sample"] = OFFICIAL_SECONDS_PER_SAMPLE / TARGET_SPEEDUP
+            summary["midpoint100_meets_2000x"] = mp["speedup_vs_official"] >= TARGET_SPEEDUP
+            if "default" in by:
+                summary["default_over_midpoint100_wall"] = (by["default"]["seconds_per_test_sample"]
+                                                            / mp["seconds_per_test_sample"])
+        for k, v in summary.items():
+            print(f"# {k}: {v}")
+        result = {"case": {"p": cfg.p, "D": traj.layout.D, "n_train": cfg.n_train,
+                           "steps": traj.num_steps, "test_samples": len(X),
+                           "outputs": model.vocab, "dtype": args.dtype, "threads": 1,
+                           "official_seconds_per_sample": OFFICIAL_SECONDS_PER_SAMPLE},
+                  "rows": rows, "summary": summary}
+        if args.out:
+            print(f"wrote {bm.write_results(args.out, result, env=env)}")
+        return result
+
+
+if __name__ == "__main__":
+    main()
