@@ -258,9 +258,10 @@ class KinkRule(QuadratureRule):
         from .kinks.search import search_path
         fm = step.path.fm
         like = self._path if (self._path is not None and self._path.inputs is step.path.X
+                              and self._path.fm is fm
                               and self._path.theta.dtype == step.theta.dtype) else None
         path = _Path(fm.model, fm.layout, step.theta, step.delta, step.path.X, self.activations,
-                     1 << 24, like=like)
+                     1 << 24, like=like, fm=fm)
         self._path = path
         if path.unseen and not getattr(self, "_warned", False):
             import warnings
@@ -376,7 +377,7 @@ class AutoRule(QuadratureRule):
         from .kinks.capture import _Path
         fm = step.path.fm
         probe = _Path(fm.model, fm.layout, step.theta, step.delta, step.path.X, self.activations,
-                      1 << 24)
+                      1 << 24, fm=fm)
         if probe.K > 0:
             ops = sorted({b[0] for b in probe.blocks if b is not None})
             self.chosen = KinkRule("kinks:3", 3, activations=self.activations)

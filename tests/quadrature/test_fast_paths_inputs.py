@@ -5,11 +5,16 @@ Rows (sample, t) evaluated with shared weights must accept what the general path
 inputs with non-tensor leaves, Mapping outputs selected by model_output, models on which vmap
 refuses data-dependent control flow (the rows are then looped, as FunctionalModel.vmap does for
 every per-sample function) and torch.compile'd submodules (run eagerly under the path's
-function mode). The reference everywhere is the same run attributed through a plain module with
-tensor inputs.
+function mode), and the kink search must evaluate with the trajectory's recorded buffers. The
+reference everywhere is the same run attributed through a plain module with tensor inputs, or the
+trained module.
 """
+import tempfile
+
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import explaind_fast as ef
 from explaind_fast.model import FunctionalModel, TestFunction
@@ -17,7 +22,7 @@ from explaind_fast.quadrature import NodeSet
 from explaind_fast.quadrature.kinks.capture import _Path
 from explaind_fast.quadrature.nodes import gauss_legendre
 from explaind_fast.quadrature.pathmode import PathFunction
-from explaind_fast.testing.models import DT, TinyMLP
+from explaind_fast.testing.models import DT, TinyMLP, small_data
 from explaind_fast.testing.runs import tiny_mlp_run
 
 
@@ -170,3 +175,45 @@ def test_compiled_submodule_through_the_fast_paths(relu_run):
         kw = dict(quadrature=quad, mode=mode, data="sample", train_data=(run["Xtr"], run["Ytr"]))
         _close(_attr(comp, run["traj"], run["Xte"], **kw),
                _attr(plain, run["traj"], run["Xte"], **kw))
+
+
+class BNReluNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.bn(self.fc1(x))))
+
+
+def test_kink_rules_use_the_recorded_buffers():
+    """A fresh module (other BatchNorm statistics) gives the trained module's numbers with the
+    kink-aware rules too: the kink search evaluates with the recorded buffers."""
+    X, Y = small_data(DT)
+    torch.manual_seed(0)
+    model = BNReluNet().to(DT)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.03, weight_decay=0.1)
+    d = tempfile.mkdtemp(prefix="explaind_bnrelu_")
+    g = torch.Generator().manual_seed(3)
+    with ef.TrajectoryRecorder(model, opt, d, dataset_size=len(X), fsync=False) as rec:
+        for _ in range(3):
+            idx = torch.randperm(len(X), generator=g)[:8]
+            model.train()
+            model.bn.eval()
+            rec.set_batch(idx)
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), Y[idx]).backward()
+            opt.step()
+    model.eval()
+    traj = ef.Trajectory.load(d)
+    fresh = BNReluNet().to(DT).eval()
+    Xte = X[:6]
+    for quad in ("kinks:3", "auto"):
+        ref = _attr(model, traj, Xte, quadrature=quad)
+        got = _attr(fresh, traj, Xte, quadrature=quad)
+        assert "recorded final values" in got.plan["buffers"]
+        assert got.certificate["problems"] == []
+        _close(got, ref, tol=1e-13)

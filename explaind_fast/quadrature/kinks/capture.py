@@ -297,7 +297,8 @@ class _Path:
     """
 
     def __init__(self, model, layout: ParamLayout, theta, delta, inputs, activations,
-                 chunk_elems: int, like: "Optional[_Path]" = None):
+                 chunk_elems: int, like: "Optional[_Path]" = None,
+                 fm: Optional[FunctionalModel] = None):
         if theta.dim() != 1 or theta.shape[0] != layout.D:
             raise ValueError(f"theta_s must be a flat [D={layout.D}] vector, got "
                              f"{tuple(theta.shape)}")
@@ -312,14 +313,18 @@ class _Path:
         # positional tensors, a dict of keyword tensors
         self.inputs = _in.normalize(inputs)
         self.M = _in.batch_size(self.inputs, "test_inputs")
-        self.fm = FunctionalModel(model, layout, dtype=theta.dtype, output=None)
+        # fm: the engine's functional model (frozen parameters and buffers, the trajectory's
+        # recorded buffers included; canonical -> actual names; vmap or a loop over samples)
+        self.fm = fm if fm is not None else FunctionalModel(model, layout, dtype=theta.dtype,
+                                                            output=None)
+        self.model = self.fm.model
         self.dparams = layout.unflatten(self.delta)
         self.funcs, self.modules = _module_switches(activations)
         self.chunk_elems = chunk_elems
         self.unseen: List[str] = []
         self.shared_evals = 0
         self.row_evals = 0
-        if like is not None and like.model is model and like.M == self.M:
+        if like is not None and like.model is self.model and like.M == self.M:
             # the same model and test inputs at another step: the call layout is the same
             for k in ("unseen", "n_switches", "blocks", "block_funcs", "offsets", "K"):
                 setattr(self, k, copy.copy(getattr(like, k)))
