@@ -30,7 +30,7 @@ the primal runs once for all tangents and the weights are shared by all rows.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -35,7 +35,6 @@ import torch
 from torch.func import jvp, vmap
 
 from .adaptive import DEFAULT_ADAPTIVE_START, DEFAULT_MAX_INTERVALS, adaptive_nodes
-from .kinks import kink_nodes
 from .nodes import NodeSet, gauss_legendre, midpoint
 
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, jacrev, jvp
+from torch.func import jacrev, jvp
 
 from explaind_fast.attribution import attribute
 from explaind_fast.attribution.granularity import parse_data, parse_output, parse_params, parse_steps
 from explaind_fast.model import FunctionalModel, ParamLayout, TestFunction
-from explaind_fast.quadrature import NodeSet, PathStep, gauss_legendre, parse_quadrature
+from explaind_fast.quadrature import PathStep, gauss_legendre, parse_quadrature
 from explaind_fast.quadrature.kinks import chebyshev as ch
 from explaind_fast.quadrature.kinks import find_kinks, nodes_from_breakpoints
 from explaind_fast.quadrature.kinks.capture import _Path

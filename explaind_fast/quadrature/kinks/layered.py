@@ -92,7 +92,6 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
     unit_roots = []
     open_: List[_Piece] = [_Piece(m, c / cells, (c + 1) / cells, ladder=tuple(levels))
                            for c in range(cells) for m in range(M)]
-    first_vals = {}
     for rnd in range(max_rounds):
         if not open_:
             break
