@@ -133,12 +133,15 @@ def find_kinks(model: torch.nn.Module, layout: ParamLayout, theta_s: torch.Tenso
     """Breakpoints t ∈ (0, 1) of t ↦ J(θ_s + tΔ_s) for each test sample (see module docstring).
 
     Args:
-        model: the model; evaluated functionally with torch.func.functional_call at the trainable
-            parameters θ_s + tΔ_s (``layout`` order) and its own frozen parameters and buffers
-            (cast to θ's dtype). Put it in eval mode (dropout would make the path random).
+        model: the model; evaluated functionally (:class:`explaind_fast.model.FunctionalModel`)
+            at the trainable parameters θ_s + tΔ_s (``layout`` order) and its own frozen
+            parameters and buffers (cast to θ's dtype; the kink rules of attribute() search
+            with the engine's FunctionalModel, the trajectory's recorded buffers included). Put
+            it in eval mode (dropout would make the path random).
         layout: flat parameter layout of θ.
         theta_s, delta_s: flat [D] tensors, θ_s and Δ_s = θ_{s+1} − θ_s.
-        test_inputs: tensor [M, ...] or tuple of tensors with leading dim M (the model's args).
+        test_inputs: any input pytree batched on dim 0 (:mod:`explaind_fast.model.inputs`: a
+            tensor -> model(x), a tuple -> model(*x), a dict -> model(**x)).
         activations: extra piecewise ops: nn.Module instances or classes (kink where an element of
             the module's first input crosses 0), torch callables (kink at 0 of the first arg),
             or pairs (module_or_callable, switch) with switch(*args) -> tensor(s) whose sign
