@@ -217,3 +217,24 @@ def test_kink_rules_use_the_recorded_buffers():
         assert "recorded final values" in got.plan["buffers"]
         assert got.certificate["problems"] == []
         _close(got, ref, tol=1e-13)
+
+
+def test_theta_view_into_a_larger_buffer(relu_run):
+    """The store's reader returns θ_s as a view into a step's file buffer: the JVP primal gets its
+    own storage (forward AD would copy every tangent into a buffer of the whole storage's size),
+    with the same numbers."""
+    run = relu_run
+    layout, traj = run["traj"].layout, run["traj"]
+    th, dl = traj.theta(1), traj.theta(2) - traj.theta(1)
+    buf = torch.cat([torch.zeros(7, dtype=DT), th, torch.ones(layout.D, dtype=DT)])
+    view = buf[7:7 + layout.D]
+    tf = TestFunction(FunctionalModel(run["model"], layout, DT), run["Xte"], None,
+                      lambda o, y: o)
+    a, b = PathFunction.of(tf, view, dl), PathFunction.of(tf, th.clone(), dl)
+    assert a.theta_s.storage_offset() == 0 and \
+        a.theta_s.untyped_storage().nbytes() == layout.D * 8
+    v = torch.randn(3, layout.D, generator=torch.Generator().manual_seed(1), dtype=DT)
+    t = torch.tensor([0.25, 0.5], dtype=DT)
+    assert torch.equal(a.jvp_shared(t, slice(None), v), b.jvp_shared(t, slice(None), v))
+    s = torch.tensor([0, 2])
+    assert torch.equal(a.jvp_rows(s, t, v), b.jvp_rows(s, t, v))
