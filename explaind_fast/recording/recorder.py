@@ -68,6 +68,25 @@ recorded; tested for all three optimizers on the CPU); capturable / differentiab
 * **Buffers** (BatchNorm running statistics, masks, counters): stored, so that ``attribute()``
   can evaluate a freshly built module with the trained buffers (``Trajectory.buffers()``; buffers
   of other dtypes than float/int/bool are not recorded).
+* **DistributedDataParallel** (:mod:`.ddp`). Every rank runs the same loop with its own recorder
+  (pass the DDP model or its module; detected when torch.distributed is initialised with more
+  than one rank, or pass ``distributed=True`` / ``process_group=``) and declares its *local*
+  batch with ``set_batch`` (e.g. the indices its DistributedSampler gave it). Rank 0 writes the
+  trajectory; the other ranks never touch the directory (the path they pass is not used). At
+  every step the ranks gather their batches (one ``all_gather_object``): the step's batch is
+  their concatenation in rank order, every weight divided by the world size W, because DDP
+  averages the gradients over ranks — 1/(W·local batch) per sample for a mean loss, whatever
+  each rank's local batch size; ``scale`` and accumulation (micro-batches under ``no_sync``)
+  work as in one process. A sample a DistributedSampler repeats to pad the last batch is a
+  separate entry with its own weight (an index may occur twice in one step; the train side sums
+  them). The gradient statistics are taken after DDP's allreduce (at the end of backward), so
+  clip factors, GradScaler and the other checks run on every rank on the same averaged
+  gradients; the ranks' θ, learning rates, weight decays and clip factors must agree. A check
+  failing on one rank raises on every rank at that step (the others name the failing rank); a
+  failure after the step (rank 0's write) is raised on every rank at the next step or by
+  ``close()``. Not supported: ranks running different numbers of steps
+  (``torch.distributed.algorithms.Join``), gradients averaged by hand instead of by DDP (the
+  gradient check sees the local gradients and refuses the step), lossy communication hooks.
 
 Refused with an error saying why: other optimizer classes, amsgrad, maximize, nesterov, dampening
 ≠ 0, Adam with decoupled_weight_decay on a mixed basis, betas / eps / momentum changing mid-run,
@@ -189,6 +208,16 @@ class TrajectoryRecorder:
         grad_scaler: the torch.amp.GradScaler of the run, if any (module docstring): its scale is
             the loss scale of every backward(), and its skipped steps drop their batches.
         record_buffers: store the model's buffers (default True).
+        distributed: None (default): a DistributedDataParallel run is detected (the model is a
+            DDP module, or torch.distributed is initialised with more than one rank): every rank
+            records, rank 0 writes (module docstring). True: require it. False: record this
+            process alone even though torch.distributed is initialised (ranks training separate
+            models, each into its own directory; refused for a DDP model).
+        process_group: the group the model's gradients are averaged over (default: the DDP
+            module's, else the default group).
+
+    Attributes: ``rank`` and ``world_size`` (0 and 1 in one process), ``writes`` (whether this
+    recorder writes the directory: rank 0 only).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str,
@@ -247,6 +276,7 @@ class TrajectoryRecorder:
         self._step_state: Optional[dict] = None
         self._failed: Optional[str] = None
         self._deferred: Optional[BaseException] = None   # DDP: a post-step error not yet raised
+        self._theta_fp = None                 # DDP: fingerprint of the last θ (ddp.fingerprint)
         self._closed = False
         self.skipped_steps = 0                # steps the GradScaler skipped (not recorded)
         self._scaler = None

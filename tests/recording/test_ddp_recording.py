@@ -63,6 +63,7 @@ def local_steps(rank):
             steps.append(([idx], 1.0))
     steps.append(([torch.tensor([[0, 1, 2], [3, 4]][rank])], 1.0))               # uneven sizes
     steps.append(([torch.tensor(m) for m in [[[5, 6], [7]], [[8], [9, 10]]][rank]], 0.5))
+    steps.append(steps[0])                       # recorded after resuming (the last step)
     return steps
 
 
@@ -100,19 +101,26 @@ def _worker(rank, init_file, base):
             directory = os.path.join(base, kind)
             if kind == "sgd" and rank == 1:
                 directory = os.path.join(base, "rank1_sgd")   # must stay untouched
+            steps = local_steps(rank)
+
+            def train(rec, micro, scale):
+                opt.zero_grad()
+                for j, idx in enumerate(micro):
+                    rec.set_batch(idx, scale=scale)       # this rank's samples, mean loss
+                    last = j == len(micro) - 1
+                    with (_nullcontext() if last else ddp.no_sync()):
+                        (F.cross_entropy(ddp(X[idx]), Y[idx]) * scale).backward()
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
+                opt.step()
+
             with TrajectoryRecorder(ddp, opt, directory, dataset_size=N) as rec:
                 result[kind] = {"rank": rec.rank, "world_size": rec.world_size,
                                 "writes": rec.writes}
-                for micro, scale in local_steps(rank):
-                    opt.zero_grad()
-                    for j, idx in enumerate(micro):
-                        rec.set_batch(idx, scale=scale)   # this rank's samples, mean loss
-                        last = j == len(micro) - 1
-                        ctx = ddp.no_sync() if not last else _nullcontext()
-                        with ctx:
-                            (F.cross_entropy(ddp(X[idx]), Y[idx]) * scale).backward()
-                    torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
-                    opt.step()
+                for micro, scale in steps[:-1]:
+                    train(rec, micro, scale)
+            # resuming (the model and optimizer are those of the last stored update)
+            with TrajectoryRecorder(ddp, opt, directory, resume=True) as rec:
+                train(rec, *steps[-1])
                 result[kind]["num_steps"] = rec.num_steps
 
         # a rank that forgets set_batch: every rank raises at that step
@@ -226,6 +234,7 @@ def test_equals_single_process_recording(ddp_runs, tmp_path, kind):
         if kind == "adamw":
             assert rel(a.exp_avg_sq, b.exp_avg_sq) <= 1e-12
     assert min(clips) < 1.0                               # clipping happened and was recorded
+    assert traj.dataset_size == N
     # the padded repeat, inside one step, with two entries and their own weights
     idx = traj.step(2).batch_indices
     assert len(idx) == 14 and len(torch.unique(idx)) == 13
@@ -252,3 +261,13 @@ def test_decomposes_exactly_per_sample(ddp_runs, kind):
     change = float((a.final - a.initial).abs().max())
     assert change > 1e-4
     assert a.reconstruction_error <= 1e-9 * change
+
+
+def test_detection_without_a_process_group():
+    from explaind_fast.recording.ddp import resolve
+    model = small_model()
+    assert resolve(model, None, None) == (model, None)        # one process: as before
+    with pytest.raises(RuntimeError, match="not initialised"):
+        resolve(model, True, None)
+    with pytest.raises(TypeError):
+        resolve(model, "yes", None)
