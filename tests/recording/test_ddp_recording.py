@@ -9,8 +9,9 @@ One spawn of two processes runs every case (starting them costs most of the test
   2), then gradient accumulation (two micro-batches per rank under no_sync, ``scale=1/2``);
 * the directory: rank 1 passes its own path in the SGD run (nothing may appear there) and rank
   0's in the AdamW run (rank 0 holds the lock; rank 1 must not touch it);
-* failures raised on every rank, none left waiting: rank 1 forgets set_batch; rank 0's
-  directory already holds a trajectory.
+* resuming: the last step is recorded by a second recorder with resume=True;
+* failures raised on every rank, none left waiting: rank 1 forgets set_batch; rank 0's write
+  fails (raised at the next step); rank 0's directory already holds a trajectory.
 
 Oracles, float64: the DDP trajectory equals a single-process recording over the same global
 batches with weights 1/(world size × local batch) (the loss Σ_k w_k L_k over the global batch):
@@ -139,6 +140,26 @@ def _worker(rank, init_file, base):
             result["missing_set_batch"] = str(e)
         finally:
             rec.close()
+        # rank 0's write fails at step 0: every rank raises at the next step
+        ddp = DDP(small_model())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        rec = TrajectoryRecorder(ddp, opt, os.path.join(base, "write_fails"), dataset_size=N)
+        if rank == 0:
+            def broken(*args, **kwargs):
+                raise OSError("disk full (test)")
+            rec._writer.append = broken
+        log = result["write_fails"] = []
+        try:
+            for s in range(3):
+                rec.set_batch([rank])
+                opt.zero_grad()
+                F.cross_entropy(ddp(X[[rank]]), Y[[rank]]).backward()
+                opt.step()
+                log.append(f"step {s}")
+        except RuntimeError as e:
+            log.append(str(e))
+        finally:
+            rec.close()
         # rank 0's directory already holds a trajectory: every rank raises at construction
         try:
             ddp = DDP(small_model())
@@ -211,6 +232,12 @@ def test_failures_raise_on_every_rank(ddp_runs):
     assert "set_batch" in r1["missing_set_batch"]               # its own error
     assert "failed on rank 1" in r0["missing_set_batch"] and "set_batch" in r0["missing_set_batch"]
     assert r0["exists"].startswith("FileExistsError") and "already holds" in r0["exists"]
+    assert "failed on rank 0" in r1["exists"] and "already holds" in r1["exists"]
+    # a write failing after step 0 on rank 0: raised on both ranks at step 1
+    (a0, b0), (a1, b1) = r0["write_fails"], r1["write_fails"]
+    assert a0 == a1 == "step 0"
+    assert "stopped after an error" in b0 and "disk full" in b0
+    assert "failed on rank 0" in b1 and "disk full" in b1
     assert "failed on rank 0" in r1["exists"] and "already holds" in r1["exists"]
 
 
