@@ -277,6 +277,7 @@ class TrajectoryRecorder:
         self._failed: Optional[str] = None
         self._deferred: Optional[BaseException] = None   # DDP: a post-step error not yet raised
         self._theta_fp = None                 # DDP: fingerprint of the last θ (ddp.fingerprint)
+        self._batch_error: Optional[BaseException] = None   # DDP: an invalid set_batch
         self._closed = False
         self.skipped_steps = 0                # steps the GradScaler skipped (not recorded)
         self._scaler = None
@@ -404,7 +405,27 @@ class TrajectoryRecorder:
         weights [B] with gradient Σ_k w_k ∇L_k; default 1/B (a mean-reduced loss; for a sum pass
         ones). Every weight is multiplied by ``scale`` (e.g. 1/accum_steps for a loss divided by
         the number of micro-batches). Must be called before every step; calls before one step
-        accumulate (micro-batches: declare each, or the union once)."""
+        accumulate (micro-batches: declare each, or the union once).
+
+        Under DDP: this rank's samples (weights as for its own loss; the recorder divides by the
+        world size). An invalid declaration is raised by the next ``optimizer.step()``, on every
+        rank, instead of here (raising on one rank alone would leave the others waiting in
+        DDP's allreduce)."""
+        try:
+            idx, w = self._checked_batch(indices, weights, scale)
+        except (ValueError, TypeError) as e:
+            if self._dist is None:
+                raise
+            if self._batch_error is None:
+                self._batch_error = e
+            return
+        # zero_grad() after backward() without a step since: the gradients those batches were
+        # declared for were discarded (a skipped batch), so are the declarations
+        if self._backward_seen and all(p.grad is None for p in self._params):
+            self._drop_window()
+        self._batches.append((idx, w))
+
+    def _checked_batch(self, indices, weights, scale):
         idx = torch.as_tensor(indices)
         if idx.dim() != 1 or idx.numel() == 0:
             raise ValueError(f"set_batch: indices must be a non-empty 1-D sequence, got shape "
@@ -429,11 +450,7 @@ class TrajectoryRecorder:
             raise ValueError(f"set_batch: scale must be finite, got {scale}")
         if float(scale) != 1.0:
             w = w * float(scale)
-        # zero_grad() after backward() without a step since: the gradients those batches were
-        # declared for were discarded (a skipped batch), so are the declarations
-        if self._backward_seen and all(p.grad is None for p in self._params):
-            self._drop_window()
-        self._batches.append((idx, w))
+        return idx, w
 
     def discard_batch(self) -> None:
         """Forget what was declared and measured since the last recorded step: call it when your
@@ -643,6 +660,9 @@ class TrajectoryRecorder:
             cause, self._deferred = self._deferred, None
             raise RuntimeError(f"the recorder stopped after an error and cannot record further "
                                f"steps: {self._failed}") from cause
+        if self._batch_error is not None:     # DDP: an invalid set_batch, raised at the step
+            e, self._batch_error = self._batch_error, None
+            raise e
         if self._background is not None and self._background.error is not None:
             self._failed = f"a background write failed: {self._background.error!r}"
             self._stop_writing()
@@ -741,6 +761,7 @@ class TrajectoryRecorder:
 
     def _drop_window(self) -> None:
         self._batches = []
+        self._batch_error = None
         self._grad_stats = {}
         self._backward_seen = False
         self._window_reset = False

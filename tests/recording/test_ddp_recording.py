@@ -10,8 +10,9 @@ One spawn of two processes runs every case (starting them costs most of the test
 * the directory: rank 1 passes its own path in the SGD run (nothing may appear there) and rank
   0's in the AdamW run (rank 0 holds the lock; rank 1 must not touch it);
 * resuming: the last step is recorded by a second recorder with resume=True;
-* failures raised on every rank, none left waiting: rank 1 forgets set_batch; rank 0's write
-  fails (raised at the next step); rank 0's directory already holds a trajectory.
+* failures raised on every rank, none left waiting: rank 1 forgets set_batch; rank 1 declares
+  an index outside the dataset (raised by the step); rank 0's write fails (raised at the next
+  step); rank 0's directory already holds a trajectory.
 
 Oracles, float64: the DDP trajectory equals a single-process recording over the same global
 batches with weights 1/(world size × local batch) (the loss Σ_k w_k L_k over the global batch):
@@ -140,6 +141,18 @@ def _worker(rank, init_file, base):
             result["missing_set_batch"] = str(e)
         finally:
             rec.close()
+        # rank 1 declares an index outside the dataset: raised by the step, on every rank
+        ddp = DDP(small_model())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with TrajectoryRecorder(ddp, opt, os.path.join(base, "bad_index"), dataset_size=N) as rec:
+            rec.set_batch([0, N + 4] if rank == 1 else [1])
+            opt.zero_grad()
+            F.cross_entropy(ddp(X[[rank]]), Y[[rank]]).backward()
+            try:
+                opt.step()
+                result["bad_index"] = None
+            except (RuntimeError, ValueError) as e:
+                result["bad_index"] = f"{type(e).__name__}: {e}"
         # rank 0's write fails at step 0: every rank raises at the next step
         ddp = DDP(small_model())
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -233,6 +246,9 @@ def test_failures_raise_on_every_rank(ddp_runs):
     assert "failed on rank 1" in r0["missing_set_batch"] and "set_batch" in r0["missing_set_batch"]
     assert r0["exists"].startswith("FileExistsError") and "already holds" in r0["exists"]
     assert "failed on rank 0" in r1["exists"] and "already holds" in r1["exists"]
+    assert r1["bad_index"].startswith("ValueError")
+    assert f"index {N + 4} is outside" in r1["bad_index"]
+    assert "failed on rank 1" in r0["bad_index"] and f"index {N + 4}" in r0["bad_index"]
     # a write failing after step 0 on rank 0: raised on both ranks at step 1
     (a0, b0), (a1, b1) = r0["write_fails"], r1["write_fails"]
     assert a0 == a1 == "step 0"
