@@ -82,9 +82,9 @@ recorded; tested for all three optimizers on the CPU); capturable / differentiab
   them). The gradient statistics are taken after DDP's allreduce (at the end of backward), so
   clip factors, GradScaler and the other checks run on every rank on the same averaged
   gradients; the ranks' θ, learning rates, weight decays and clip factors must agree. A check
-  failing on one rank raises on every rank at that step (the others name the failing rank); a
-  failure after the step (rank 0's write) is raised on every rank at the next step or by
-  ``close()``. Not supported: ranks running different numbers of steps
+  failing on one rank raises on every rank at that step (the others name the failing rank; an
+  invalid ``set_batch`` is raised by the step too); a failure after the step (rank 0's write) is
+  raised on every rank at the next step or by ``close()``. Not supported: ranks running different numbers of steps
   (``torch.distributed.algorithms.Join``), gradients averaged by hand instead of by DDP (the
   gradient check sees the local gradients and refuses the step), lossy communication hooks.
 
