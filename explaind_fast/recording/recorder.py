@@ -84,9 +84,10 @@ recorded; tested for all three optimizers on the CPU); capturable / differentiab
   gradients; the ranks' θ, learning rates, weight decays and clip factors must agree. A check
   failing on one rank raises on every rank at that step (the others name the failing rank; an
   invalid ``set_batch`` is raised by the step too); a failure after the step (rank 0's write) is
-  raised on every rank at the next step or by ``close()``. Not supported: ranks running different numbers of steps
-  (``torch.distributed.algorithms.Join``), gradients averaged by hand instead of by DDP (the
-  gradient check sees the local gradients and refuses the step), lossy communication hooks.
+  raised on every rank at the next step or by ``close()``. Not supported: ranks running
+  different numbers of steps (``torch.distributed.algorithms.Join``), gradients averaged by hand
+  instead of by DDP (the gradient check sees the local gradients and refuses the step; with
+  ``check_gradients=False`` it is recorded), lossy communication hooks.
 
 Refused with an error saying why: other optimizer classes, amsgrad, maximize, nesterov, dampening
 ≠ 0, Adam with decoupled_weight_decay on a mixed basis, betas / eps / momentum changing mid-run,
@@ -643,7 +644,7 @@ class TrajectoryRecorder:
             elif g["skip"] != first["skip"]:
                 what = "one rank skips the step (found_inf) and another does not"
             elif abs(g["clip"] - first["clip"]) > 1e-12 * abs(first["clip"]):
-                what = (f"the gradients were scaled by {g['clip']!r} on this rank and by "
+                what = (f"the gradients were scaled by {g['clip']!r} on rank {r} and by "
                         f"{first['clip']!r} on rank 0 (the gradients differ between ranks, or "
                         "one rank clipped differently): the step has one gradient")
             if what is not None:
