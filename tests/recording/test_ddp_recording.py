@@ -10,6 +10,8 @@ One spawn of two processes runs every case (starting them costs most of the test
 * the directory: rank 1 passes its own path in the SGD run (nothing may appear there) and rank
   0's in the AdamW run (rank 0 holds the lock; rank 1 must not touch it);
 * resuming: the last step is recorded by a second recorder with resume=True;
+* find_unused_parameters=True with a head some samples use (on one rank, on none), a
+  torch.amp.GradScaler, write_behind;
 * failures raised on every rank, none left waiting: rank 1 forgets set_batch; rank 1 declares
   an index outside the dataset (raised by the step); rank 0's write fails (raised at the next
   step); rank 0's directory already holds a trajectory.
@@ -84,6 +86,31 @@ def global_steps():
     return out
 
 
+class Gated(torch.nn.Module):
+    """A head ``c`` that only samples with x[0] > 1 use (index 7 here): a batch without one
+    leaves it out of the graph (under DDP with find_unused_parameters, a rank without one gets the
+    average from the others; no rank with one: no gradient, the tensor is inactive)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a = torch.nn.Linear(4, 6)
+        self.b = torch.nn.Linear(6, 3)
+        self.c = torch.nn.Linear(6, 3)
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        out = self.b(h)
+        on = x[:, 0] > 1.0
+        if bool(on.any()):
+            out = out + self.c(h) * on[:, None].to(h.dtype)
+        return out
+
+
+GATED_STEPS = [([7, 0, 1], [2, 3]), ([4, 5], [6, 8]), ([9, 10], [7, 11, 12])]
+
+
 # ---------------------------------------------------------------------------- the ranks
 def _worker(rank, init_file, base):
     import torch.distributed as dist
@@ -141,6 +168,21 @@ def _worker(rank, init_file, base):
             result["missing_set_batch"] = str(e)
         finally:
             rec.close()
+        # find_unused_parameters, torch.amp.GradScaler, write_behind
+        ddp = DDP(Gated(), find_unused_parameters=True)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=0.05, weight_decay=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+        with TrajectoryRecorder(ddp, opt, os.path.join(base, "gated"), dataset_size=N,
+                                write_behind=True) as rec:
+            for step in GATED_STEPS:
+                idx = step[rank]
+                rec.set_batch(idx)
+                opt.zero_grad()
+                scaler.scale(F.cross_entropy(ddp(X[idx]), Y[idx])).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
+                scaler.step(opt)
+                scaler.update()
         # rank 1 declares an index outside the dataset: raised by the step, on every rank
         ddp = DDP(small_model())
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -314,3 +356,24 @@ def test_detection_without_a_process_group():
         resolve(model, True, None)
     with pytest.raises(TypeError):
         resolve(model, "yes", None)
+
+
+def test_unused_parameters_and_grad_scaler(ddp_runs):
+    """A head used on one rank only (DDP writes the average into the other rank's gradient), on
+    no rank (inactive: no update, no decay), scaled by a GradScaler and clipped: recorded
+    exactly."""
+    base, _ = ddp_runs
+    traj = Trajectory.load(base / "gated")
+    c = [i for i, n in enumerate(traj.layout.names) if n.startswith("c.")]
+    assert [list(traj.step(s).inactive) for s in range(3)] == [[], c, []]
+    assert all(0 < traj.step(s).clip_factor < 1 for s in range(3))
+    X, Y = dataset()
+    Xt, Yt = X[[7, 1, 2]], Y[[7, 1, 2]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ef.AttributionWarning)
+        a = ef.attribute(Gated(), traj, Xt, test_targets=Yt, output="loss", data="sample",
+                         train_data=(X, Y), quadrature="gauss-legendre:8", progress=False)
+    assert a.certificate["problems"] == []
+    assert float(a.step_identity.max()) < 1e-12, a.step_identity
+    change = float((a.final - a.initial).abs().max())
+    assert a.reconstruction_error <= 1e-9 * change
