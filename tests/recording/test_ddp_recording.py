@@ -239,7 +239,10 @@ class _nullcontext:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
+    import torch.distributed as dist
     import torch.multiprocessing as mp
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
     base = tmp_path_factory.mktemp("ddp")
     mp.spawn(_worker, args=(str(base / "init"), str(base)), nprocs=WORLD, join=True)
     results = []
