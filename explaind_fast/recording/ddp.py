@@ -11,14 +11,14 @@ whatever each rank's local batch size. Samples a DistributedSampler repeats to p
 are separate entries with their own weights (duplicate indices in one step are summed by the
 train side, as any repeated sample is).
 
-Who checks what: the gradients after DDP's allreduce are identical on all ranks, so every rank
-runs the recorder's checks on its own copy (the clip factor, the settings, θ unchanged); the
-gathered values must agree across ranks (θ fingerprints and lr/weight decay exactly, clip factors
-to rounding), otherwise the step is refused. A check that fails on one rank is raised on every
-rank at the same step (the failing rank raises its own error, the others a RuntimeError naming
-it), so no rank is left waiting in a collective. Failures after the step (rank 0's write) are
-raised on every rank at the next step (or by ``close()`` after the last step), like write-behind
-errors.
+Who checks what: the gradients after DDP's allreduce are identical on all ranks, so every rank runs
+the recorder's checks on its own copy (the clip factor, the settings, θ unchanged); the gathered
+values must agree across ranks (θ fingerprints and lr/weight decay exactly, clip factors to
+rounding), otherwise the step is refused. A check that fails on one rank is raised on every rank at
+the same step (the failing rank raises its own error, the others a RuntimeError naming it), so no
+rank is left waiting in a collective. Failures after the step (rank 0's write) are raised on every
+rank at the next step (after the last step: by the failing rank's ``close()``, which runs no
+collective), like write-behind errors.
 """
 from __future__ import annotations
 

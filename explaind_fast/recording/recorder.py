@@ -69,25 +69,25 @@ recorded; tested for all three optimizers on the CPU); capturable / differentiab
   can evaluate a freshly built module with the trained buffers (``Trajectory.buffers()``; buffers
   of other dtypes than float/int/bool are not recorded).
 * **DistributedDataParallel** (:mod:`.ddp`). Every rank runs the same loop with its own recorder
-  (pass the DDP model or its module; detected when torch.distributed is initialised with more
-  than one rank, or pass ``distributed=True`` / ``process_group=``) and declares its *local*
-  batch with ``set_batch`` (e.g. the indices its DistributedSampler gave it). Rank 0 writes the
-  trajectory; the other ranks never touch the directory (the path they pass is not used). At
-  every step the ranks gather their batches (one ``all_gather_object``): the step's batch is
-  their concatenation in rank order, every weight divided by the world size W, because DDP
-  averages the gradients over ranks — 1/(W·local batch) per sample for a mean loss, whatever
-  each rank's local batch size; ``scale`` and accumulation (micro-batches under ``no_sync``)
-  work as in one process. A sample a DistributedSampler repeats to pad the last batch is a
-  separate entry with its own weight (an index may occur twice in one step; the train side sums
-  them). The gradient statistics are taken after DDP's allreduce (at the end of backward), so
-  clip factors, GradScaler and the other checks run on every rank on the same averaged
-  gradients; the ranks' θ, learning rates, weight decays and clip factors must agree. A check
-  failing on one rank raises on every rank at that step (the others name the failing rank; an
-  invalid ``set_batch`` is raised by the step too); a failure after the step (rank 0's write) is
-  raised on every rank at the next step or by ``close()``. Not supported: ranks running
-  different numbers of steps (``torch.distributed.algorithms.Join``), gradients averaged by hand
-  instead of by DDP (the gradient check sees the local gradients and refuses the step; with
-  ``check_gradients=False`` it is recorded), lossy communication hooks.
+  (pass the DDP model or its module; detected when torch.distributed is initialised with more than
+  one rank, or pass ``distributed=True`` / ``process_group=``) and declares its *local* batch with
+  ``set_batch`` (e.g. the indices its DistributedSampler gave it). Rank 0 writes the trajectory; the
+  other ranks never touch the directory (the path they pass is not used). At every step the ranks
+  gather their batches (one ``all_gather_object``): the step's batch is their concatenation in rank
+  order, every weight divided by the world size W, because DDP averages the gradients over ranks —
+  1/(W·local batch) per sample for a mean loss, whatever each rank's local batch size; ``scale`` and
+  accumulation (micro-batches under ``no_sync``) work as in one process. A sample a
+  DistributedSampler repeats to pad the last batch is a separate entry with its own weight (an index
+  may occur twice in one step; the train side sums them). The gradient statistics are taken after
+  DDP's allreduce (at the end of backward), so clip factors, GradScaler and the other checks run on
+  every rank on the same averaged gradients; the ranks' θ, learning rates, weight decays and clip
+  factors must agree. A check failing on one rank raises on every rank at that step (the others name
+  the failing rank; an invalid ``set_batch`` is raised by the step too); a failure after the step
+  (rank 0's write) is raised on every rank at the next step (after the last step: by that rank's
+  ``close()``). Not supported: ranks running different numbers of steps
+  (``torch.distributed.algorithms.Join``), gradients averaged by hand instead of by DDP (the
+  gradient check sees the local gradients and refuses the step; with ``check_gradients=False`` it is
+  recorded), lossy communication hooks.
 
 Refused with an error saying why: other optimizer classes, amsgrad, maximize, nesterov, dampening
 ≠ 0, Adam with decoupled_weight_decay on a mixed basis, betas / eps / momentum changing mid-run,
@@ -720,8 +720,8 @@ class TrajectoryRecorder:
             self._stop_writing()
             if self._dist is None:
                 raise
-            # DDP: raised on every rank at the next step (or by close()); raising here alone
-            # would leave the other ranks waiting in the next step's collectives
+            # DDP: raised on every rank at the next step (or by this rank's close()); raising
+            # here alone would leave the other ranks waiting in the next step's collectives
             self._deferred = e
 
     def _reset_hook(self, i, p):
