@@ -279,6 +279,7 @@ class TrajectoryRecorder:
         self._deferred: Optional[BaseException] = None   # DDP: a post-step error not yet raised
         self._theta_fp = None                 # DDP: fingerprint of the last θ (ddp.fingerprint)
         self._batch_error: Optional[BaseException] = None   # DDP: an invalid set_batch
+        self._last_buffers: Dict[str, torch.Tensor] = {}   # the buffers last stored (writer)
         self._closed = False
         self.skipped_steps = 0                # steps the GradScaler skipped (not recorded)
         self._scaler = None
@@ -333,7 +334,9 @@ class TrajectoryRecorder:
 
     def _create(self) -> None:
         self._last_theta = self._flat_theta()
-        self._last_buffers = {n: b.detach().clone() for n, b in self._buffers}
+        # the buffers last stored, to see which changed: only the writer stores them
+        self._last_buffers = {n: b.detach().clone() for n, b in self._buffers} if self.writes \
+            else {}
         if self.writes:
             self._writer.create(self._manifest(), self._last_theta,
                                 {BUFFER_PREFIX + n: b.detach().to("cpu")
