@@ -16,9 +16,10 @@ import torch
 
 from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_from_update
 from .accumulator import Accumulator
-from .contraction import forward_step, reverse_phi, reverse_step, row_chunks, segment_contract
+from .contraction import (forward_step, restrict_groups, reverse_phi, reverse_step, row_chunks,
+                          segment_contract)
 from .problem import Problem
-from .train_side import partition_gradients, subsampled_reg
+from .train_side import BatchGradients, subsampled_reg
 
 
 def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
@@ -40,9 +41,15 @@ def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
             c = rule.coefficients(rec, **opts)
             r = reg.step_with(c, th)
         if pb.per_sample_data:
-            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
-            acc.identity.step(s, c, rec, th, delta, th_next, Gp.sum(0))
-            moments.step(c, Gp, present)
+            # E[p] = decay⊙E[p] + gain⊙G_s[p], the gradients streamed slab by slab (train_side)
+            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            E, ids = moments.E, bg.present
+            E.mul_(c.decay[None])
+
+            def consume(rows, cols, block, E=E, ids=ids, gain=c.gain):
+                E[:, cols].index_add_(0, ids[rows], block.mul_(gain[cols]))
+            G_sum = bg.stream(consume, pb.plan.train_budget)
+            acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
             moments.phi(c, out=B[:P])
         else:
             phi_all_from_update(delta, r, out=B[0])
@@ -70,6 +77,7 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
     traj, rule, G = pb.traj, pb.traj.rule, pb.G
     opts = dict(dtype=pb.dtype, device=pb.device)
     nodes_of = {}
+    sub_groups = {}                                     # coordinate slab -> its groups
     for idx, ks in row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk):
         first = not nodes_of
         recursion = BackwardRecursion()
@@ -89,10 +97,20 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
             acc.ev_jvp[s] += nodes.num_nodes * m * kc
             rows = phi.reshape(m * kc, -1)
             H, Hreg = recursion.step(c, rows)
-            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            # o[g, r, u] = Σ_{i∈g} H[r, i]·gain_i·G_s[present[u]][i], the gradients streamed
+            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            o = torch.zeros(G, rows.shape[0], len(bg.present), **opts)    # [G, m*Kc, U]
+
+            def consume(r, cols, block, H=H, o=o, gain=c.gain):
+                key = (cols.start, cols.stop)
+                if key not in sub_groups:
+                    sub_groups[key] = restrict_groups(pb.groups, *key)
+                o.index_add_(2, r, segment_contract(H[:, cols], block.mul_(gain[cols]),
+                                                    sub_groups[key]))
+            G_sum = bg.stream(consume, pb.plan.train_budget)
             if first:
-                acc.identity.step(s, c, rec, th, delta, th + delta, Gp.sum(0), backward=True)
-            o = segment_contract(H, c.gain[None] * Gp, pb.groups)          # [G, m*Kc, U]
+                acc.identity.step(s, c, rec, th, delta, th + delta, G_sum, backward=True)
+            present = bg.present
             ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
             acc.add_gradient_step(s, present, idx, ks,
                                   o.reshape(G, m, kc, -1).permute(0, 3, 1, 2),  # [G, U, m, Kc]
