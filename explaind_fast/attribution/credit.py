@@ -8,9 +8,14 @@ booked at.
   row chunk of test samples × outputs (:class:`explaind_fast.optim.BackwardRecursion`), reverse mode,
   the batch gradients recomputed once per row chunk. Peak: b·2·m_c·K·D for the recursion.
 
-Both agree when the step axis is summed. Both write into an :class:`Accumulator`.
+Both agree when the step axis is summed. Both write into an :class:`Accumulator`. With per-sample
+data both take the batch gradients from :class:`BatchGradients` slab by slab (:func:`stream_moments`,
+:func:`stream_contract`): a batch never holds B·D per-sample gradient numbers when the planner's
+train budget is smaller (docs/design.md §10).
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
@@ -20,6 +25,35 @@ from .contraction import (forward_step, restrict_groups, reverse_phi, reverse_st
                           segment_contract)
 from .problem import Problem
 from .train_side import BatchGradients, subsampled_reg
+
+
+def stream_moments(bg: BatchGradients, moments: MomentRecursion, c, budget: int) -> torch.Tensor:
+    """E[p] = decay⊙E[p] + gain⊙G_s[p] (:meth:`MomentRecursion.step`) with the batch gradients
+    streamed slab by slab (:class:`BatchGradients`); returns Σ_p G_s[p]."""
+    E, ids, gain = moments.E, bg.present, c.gain
+    E.mul_(c.decay[None])
+
+    def consume(rows, cols, block):
+        E[:, cols].index_add_(0, ids[rows], block.mul_(gain[cols]))
+    return bg.stream(consume, budget)
+
+
+def stream_contract(bg: BatchGradients, H: torch.Tensor, gain: torch.Tensor, groups, budget: int,
+                    sub_groups: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """o[g, r, u] = Σ_{i∈g} H[r, i]·gain_i·G_s[present[u]]_i ([G, R, U], the segment contraction
+    of the gradient credit) with the batch gradients streamed slab by slab, each slab contracted
+    with H's columns as it arrives; returns (o, Σ_p G_s[p]). ``sub_groups`` caches the groups
+    restricted to each slab."""
+    sub_groups = {} if sub_groups is None else sub_groups
+    o = torch.zeros(groups.G, H.shape[0], len(bg.present), dtype=H.dtype, device=H.device)
+
+    def consume(rows, cols, block):
+        key = (cols.start, cols.stop)
+        if key not in sub_groups:
+            sub_groups[key] = restrict_groups(groups, *key)
+        o.index_add_(2, rows, segment_contract(H[:, cols], block.mul_(gain[cols]),
+                                               sub_groups[key]))
+    return o, bg.stream(consume, budget)
 
 
 def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
@@ -41,14 +75,8 @@ def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
             c = rule.coefficients(rec, **opts)
             r = reg.step_with(c, th)
         if pb.per_sample_data:
-            # E[p] = decay⊙E[p] + gain⊙G_s[p], the gradients streamed slab by slab (train_side)
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
-            E, ids = moments.E, bg.present
-            E.mul_(c.decay[None])
-
-            def consume(rows, cols, block, E=E, ids=ids, gain=c.gain):
-                E[:, cols].index_add_(0, ids[rows], block.mul_(gain[cols]))
-            G_sum = bg.stream(consume, pb.plan.train_budget)
+            G_sum = stream_moments(bg, moments, c, pb.plan.train_budget)
             acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
             moments.phi(c, out=B[:P])
         else:
@@ -97,17 +125,9 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
             acc.ev_jvp[s] += nodes.num_nodes * m * kc
             rows = phi.reshape(m * kc, -1)
             H, Hreg = recursion.step(c, rows)
-            # o[g, r, u] = Σ_{i∈g} H[r, i]·gain_i·G_s[present[u]][i], the gradients streamed
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
-            o = torch.zeros(G, rows.shape[0], len(bg.present), **opts)    # [G, m*Kc, U]
-
-            def consume(r, cols, block, H=H, o=o, gain=c.gain):
-                key = (cols.start, cols.stop)
-                if key not in sub_groups:
-                    sub_groups[key] = restrict_groups(pb.groups, *key)
-                o.index_add_(2, r, segment_contract(H[:, cols], block.mul_(gain[cols]),
-                                                    sub_groups[key]))
-            G_sum = bg.stream(consume, pb.plan.train_budget)
+            o, G_sum = stream_contract(bg, H, c.gain, pb.groups, pb.plan.train_budget,
+                                       sub_groups)                        # [G, m*Kc, U]
             if first:
                 acc.identity.step(s, c, rec, th, delta, th + delta, G_sum, backward=True)
             present = bg.present

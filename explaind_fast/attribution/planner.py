@@ -82,12 +82,16 @@ class Plan:
 def gradient_slabs(numels, batch: int, itemsize: int, budget: int):
     """Coordinate ranges [(a, b), …] of consecutive parameter tensors (sizes ``numels``, layout
     order) whose per-sample gradients for ``batch`` samples, SLAB_COPIES·itemsize·batch·(b − a)
-    bytes, fit in ``budget`` (a tensor larger than that is a slab of its own). One range (0, D)
-    when the whole θ fits or budget ≤ 0."""
+    bytes, fit in ``budget``. When the largest tensor alone does not fit, slabs hold up to
+    17/16 of it (the peak is then B × the largest tensor whatever the budget; the slack keeps a
+    bias with its weight: one pass fewer). One range (0, D) when the whole θ fits or budget ≤ 0."""
     D = sum(numels)
     cap = budget // max(SLAB_COPIES * itemsize * max(batch, 1), 1) if budget > 0 else D
     if D <= cap:
         return [(0, D)]
+    big = max(numels) if numels else 0
+    if cap < big:
+        cap = big + big // 16
     out, a, b = [], 0, 0
     for n in numels:
         if b > a and b - a + n > cap:

@@ -134,10 +134,13 @@ def test_budget_chooses_slabs():
     numels = (80, 16, 112, 7, 21, 3, 1)
     assert planner.gradient_slabs(numels, 6, 8, 0) == [(0, 240)]
     assert planner.gradient_slabs(numels, 6, 8, 3 * 8 * 6 * 240) == [(0, 240)]
-    slabs = planner.gradient_slabs(numels, 6, 8, 3 * 8 * 6 * 100)     # ≤ 100 numbers a slab
-    assert slabs == [(0, 96), (96, 208), (208, 240)]                  # 112 > 100: its own slab
-    assert planner.gradient_slabs(numels, 6, 8, 1) == [
-        (0, 80), (80, 96), (96, 208), (208, 215), (215, 236), (236, 239), (239, 240)]
+    slabs = planner.gradient_slabs(numels, 6, 8, 3 * 8 * 6 * 150)     # ≤ 150 numbers a slab
+    assert slabs == [(0, 96), (96, 240)]
+    # the largest tensor (112) does not fit: slabs of up to 112 + 112 // 16 = 119
+    assert planner.gradient_slabs(numels, 6, 8, 3 * 8 * 6 * 100) == [(0, 96), (96, 215),
+                                                                    (215, 240)]
+    assert planner.gradient_slabs(numels, 6, 8, 1) == [(0, 96), (96, 215), (215, 240)]
+    assert planner.gradient_slabs((5, 200, 3), 6, 8, 1) == [(0, 208)]     # ≤ 17/16 of 200
 
 
 def test_restricted_groups_sum_to_whole(run):
@@ -216,7 +219,9 @@ def test_attribute_streamed_equals_unstreamed(run, monkeypatch, data, credit, mo
     got = _attr(run, True, monkeypatch, **kw)
     assert ref.plan["train_slabs"] == 1
     if data == "sample":
-        assert got.plan["train_slabs"] == len(run[1].layout.names)
-        assert got.plan["estimates"]["train_side"]["largest_slab"] == max(run[1].layout.numels)
+        lay = run[1].layout
+        slabs = planner.gradient_slabs(lay.numels, 6, 8, 2)
+        assert len(slabs) > 1 and got.plan["train_slabs"] == len(slabs)
+        assert got.plan["estimates"]["train_side"]["largest_slab"] == max(b - a for a, b in slabs)
     _close(got.kernel, ref.kernel)
     _close(got.reg, ref.reg)
