@@ -9,7 +9,6 @@ probe checks that no tensor of batch × D numbers is ever produced while streami
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import explaind_fast as ef
