@@ -2,7 +2,8 @@
 streamed slab by slab (issue 14; explaind_fast.attribution.train_side.BatchGradients).
 
 Setting: an MLP (in 256, ``--depth`` hidden layers of ``--width``, 10 classes; the defaults give
-D = 5,331,210), a batch of ``--batch`` samples (default 256), float32 on the CPU, gradient credit's
+D = 5,520,394 in 22 tensors, the largest 589,824), batches of ``--batch`` samples (a comma list,
+default 64,256), float32 on the CPU, gradient credit's
 consumer: the segment contraction o[g, r, u] = Σ_{i∈g} H[r, i]·gain_i·G[u]_i of R = ``--rows`` test
 rows H [R, D] with the per-tensor parameter groups (params="tensor").
 
@@ -16,10 +17,10 @@ Peak memory: the extra resident memory of one call, each path in a fresh process
 (explaind_fast.testing.benchmark.peak_memory_subprocess: VmHWM − VmRSS). Time: ``--repeats`` calls
 per path in this process, the two paths alternated (ABAB…) so that a shared machine's drift hits
 both alike; median and p20/p80 (benchmark.summarize). The two outputs are compared (max relative
-difference, float32 rounding). The current path is skipped when its estimated peak (3·B·D numbers)
+difference, float32 rounding). The current path is skipped when its estimated peak (4·B·D numbers)
 exceeds ``--max-current-gb`` or 80% of MemAvailable, and said so in the result.
 
-    python bench/bench_train_side.py [--batch 256 --width 768 --depth 9] [--out train_side_cpu.json]
+    python bench/bench_train_side.py [--batch 64,256 --width 768 --depth 10] [--out train_side_cpu.json]
 """
 from __future__ import annotations
 
@@ -100,9 +101,9 @@ def setup(path, cfg):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", default="64,256", help="batch sizes, comma-separated")
     ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--depth", type=int, default=9)
+    ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--rows", type=int, default=8, help="test rows R of H [R, D]")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--train-budget", type=int,
@@ -115,21 +116,43 @@ def main(argv=None):
                     help="write the JSON result here (a bare file name: bench/results/<name>)")
     args = ap.parse_args(argv)
     bm.set_threads(args.threads)
+    env = bm.environment()
+    runs = [one_batch(args, int(B)) for B in str(args.batch).split(",")]
+    result = {"environment": env, "dtype": args.dtype, "runs": runs}
+    if args.out:
+        print(f"wrote {bm.write_results(args.out, result)}")
+    print("\n" + bm.format_environment(env))
+    print("| batch | path | slabs (largest) | peak extra RSS (GiB) | time median (p20–p80) s |")
+    print("|---|---|---|---|---|")
+    for r in runs:
+        for p in ("current", "streamed"):
+            if p not in r:
+                print(f"| {r['batch']} | {p} | skipped: ≈ {r['current_estimate_bytes'] / 2**30:.1f} "
+                      f"GiB estimated, {r['mem_available_bytes'] / 2**30:.1f} GiB available | | |")
+                continue
+            q = r[p]["time"]
+            sl = "1 (D)" if p == "current" else f"{r['slabs']} ({r['largest_slab']:,})"
+            print(f"| {r['batch']} | {p} | {sl} | {r[p]['peak']['peak_extra_bytes'] / 2**30:.2f} | "
+                  f"{q['median_s']:.2f} ({q['p20_s']:.2f}–{q['p80_s']:.2f}) |")
+    return result
+
+
+def one_batch(args, batch):
     dtype = getattr(torch, args.dtype)
-    cfg = dict(batch=args.batch, width=args.width, depth=args.depth, rows=args.rows, dtype=dtype,
+    cfg = dict(batch=batch, width=args.width, depth=args.depth, rows=args.rows, dtype=dtype,
                train_budget=args.train_budget)
     case = Case(**cfg)
-    D, B, b = case.layout.D, args.batch, dtype.itemsize
-    est_current = 3 * B * D * b
+    D, B, b = case.layout.D, batch, dtype.itemsize
+    est_current = 4 * B * D * b            # measured ≈ 3.7 B·D numbers at B = 64
     avail = _mem_available()
     run_current = est_current <= min(args.max_current_gb * 2 ** 30, 0.8 * avail)
-    env = bm.environment()
-    result = {"environment": env, "dtype": args.dtype, "D": D, "batch": B, "rows": args.rows,
+    result = {"D": D, "batch": B, "rows": args.rows,
               "largest_tensor": max(case.layout.numels), "tensors": len(case.layout.names),
               "train_budget": args.train_budget, "slabs": len(case.slabs),
               "largest_slab": max(bb - a for a, bb in case.slabs),
               "B_times_D_bytes": B * D * b, "mem_available_bytes": avail,
-              "current_run": run_current}
+              "current_estimate_bytes": est_current, "current_run": run_current,
+              "load_average_at_start": bm.environment()["load_average"]}
     jcfg = {k: (args.dtype if k == "dtype" else v) for k, v in cfg.items()}
     paths = ["streamed"] + (["current"] if run_current else [])
     for p in paths:
@@ -156,22 +179,7 @@ def main(argv=None):
             max(result["streamed"]["peak"]["peak_extra_bytes"], 1))
         result["time_ratio_streamed_over_current"] = (
             result["streamed"]["time"]["median_s"] / result["current"]["time"]["median_s"])
-    print(json.dumps(result, indent=1))
-    if args.out:
-        print(f"wrote {bm.write_results(args.out, result)}")
-    print("\n" + bm.format_environment(env))
-    print(f"{args.dtype}, D={D:,}, batch {B}, R={args.rows}, {len(case.layout.names)} tensors "
-          f"(largest {result['largest_tensor']:,}); streamed: {len(case.slabs)} slabs (largest "
-          f"{result['largest_slab']:,}) for a train budget of {args.train_budget / 2**20:.0f} MiB")
-    print("| path | peak extra RSS (GiB) | time median (p20–p80) s |")
-    print("|---|---|---|")
-    for p in paths:
-        q = result[p]["time"]
-        print(f"| {p} | {result[p]['peak']['peak_extra_bytes'] / 2**30:.2f} | "
-              f"{q['median_s']:.2f} ({q['p20_s']:.2f}–{q['p80_s']:.2f}) |")
-    if not run_current:
-        print(f"current path skipped: ≈ {est_current / 2**30:.1f} GiB estimated, "
-              f"{avail / 2**30:.1f} GiB available")
+    print(json.dumps(result, indent=1), flush=True)
     return result
 
 
