@@ -18,7 +18,7 @@ Costs are FLOP-ish (a dense model's forward is ≈ 2D flops per sample); they on
 
 The train side (per-sample data) holds the per-sample gradients of one batch of B samples one
 *slab* at a time (consecutive parameter tensors, :func:`gradient_slabs`): ≈ b·B·(3·S + A) with S
-the largest slab's numbers (S = D when the whole θ fits: no streaming), within TRAIN_SHARE of the
+the largest slab's numbers (S = D when the whole θ fits: no streaming), within 1/TRAIN_SHARE of the
 budget unless a single tensor is larger; each extra slab costs one more forward and partial
 backward pass of the batch. Partitions of several samples hold U_c ≤ U gradient rows of D.
 """

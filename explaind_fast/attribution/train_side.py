@@ -109,6 +109,10 @@ def partition_gradients(fm: FunctionalModel, theta: torch.Tensor, train: TrainSe
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """G_s restricted to the partitions present in batch B_s: (present ids [U], grads [U, D]).
 
+    The unstreamed form of :class:`BatchGradients` (what the credit strategies ran before it; kept
+    as the reference of tests/attribution/test_train_side_streaming.py and
+    bench/bench_train_side.py).
+
     One backward of the partition-restricted weighted loss per partition, or one vmapped
     per-sample gradient pass when every batch sample is its own partition (a loop over the
     samples where vmap cannot run the model, :meth:`FunctionalModel.vmap`).
