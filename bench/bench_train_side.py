@@ -9,16 +9,19 @@ rows H [R, D] with the per-tensor parameter groups (params="tensor").
 
 * current:   ``partition_gradients`` ([U, D] of vmap(grad) per-sample gradients, B·D numbers
              several times over) then one segment_contract — the code gradient_credit ran before;
+* one_slab:  ``credit.stream_contract`` without a budget: the whole θ as one slab (BatchGradients'
+             per-tensor differentiation, [B, D] at once): separates its speed from the slabs';
 * streamed:  ``credit.stream_contract`` — per-sample gradients one slab of consecutive parameter
              tensors at a time (the planner's slabs for ``--train-budget`` bytes, default
              memory_budget / TRAIN_SHARE = 512 MiB), each slab contracted as it arrives.
 
 Peak memory: the extra resident memory of one call, each path in a fresh process
 (explaind_fast.testing.benchmark.peak_memory_subprocess: VmHWM − VmRSS). Time: ``--repeats`` calls
-per path in this process, the two paths alternated (ABAB…) so that a shared machine's drift hits
-both alike; median and p20/p80 (benchmark.summarize). The two outputs are compared (max relative
-difference, float32 rounding). The current path is skipped when its estimated peak (4·B·D numbers)
-exceeds ``--max-current-gb`` or 80% of MemAvailable, and said so in the result.
+per path in this process, the paths alternated (ABC ABC…) so that a shared machine's drift hits
+them alike; median and p20/p80 (benchmark.summarize). The streamed and current outputs are
+compared (max relative difference, float32 rounding). The current (one_slab) path is skipped when
+its estimated peak (4·B·D, 3·B·D numbers) exceeds ``--max-current-gb`` or 80% of MemAvailable, and
+said so in the result.
 
     python bench/bench_train_side.py [--batch 64,256 --width 768 --depth 10] [--out train_side_cpu.json]
 """
@@ -91,6 +94,11 @@ class Case:
         bg = BatchGradients(self.fm, self.theta, self.train, ce, rec or self.rec, self.part)
         return stream_contract(bg, self.H, self.gain, self.groups, self.train_budget, self.sub)
 
+    def one_slab(self, rec=None):
+        """BatchGradients without a budget: the whole θ as one slab ([B, D] at once)."""
+        bg = BatchGradients(self.fm, self.theta, self.train, ce, rec or self.rec, self.part)
+        return stream_contract(bg, self.H, self.gain, self.groups, 0, self.sub)
+
 
 def setup(path, cfg):
     """Build the case, return the call of ``path`` ("current" or "streamed")."""
@@ -125,13 +133,14 @@ def main(argv=None):
     print("| batch | path | slabs (largest) | peak extra RSS (GiB) | time median (p20–p80) s |")
     print("|---|---|---|---|---|")
     for r in runs:
-        for p in ("current", "streamed"):
+        for p in ("current", "one_slab", "streamed"):
             if p not in r:
-                print(f"| {r['batch']} | {p} | skipped: ≈ {r['current_estimate_bytes'] / 2**30:.1f} "
+                est = r["current_estimate_bytes"] * (3 if p == "one_slab" else 4) // 4
+                print(f"| {r['batch']} | {p} | skipped: ≈ {est / 2**30:.1f} "
                       f"GiB estimated, {r['mem_available_bytes'] / 2**30:.1f} GiB available | | |")
                 continue
             q = r[p]["time"]
-            sl = "1 (D)" if p == "current" else f"{r['slabs']} ({r['largest_slab']:,})"
+            sl = "1 (D)" if p != "streamed" else f"{r['slabs']} ({r['largest_slab']:,})"
             print(f"| {r['batch']} | {p} | {sl} | {r[p]['peak']['peak_extra_bytes'] / 2**30:.2f} | "
                   f"{q['median_s']:.2f} ({q['p20_s']:.2f}–{q['p80_s']:.2f}) |")
     return result
@@ -154,7 +163,9 @@ def one_batch(args, batch):
               "current_estimate_bytes": est_current, "current_run": run_current,
               "load_average_at_start": bm.environment()["load_average"]}
     jcfg = {k: (args.dtype if k == "dtype" else v) for k, v in cfg.items()}
-    paths = ["streamed"] + (["current"] if run_current else [])
+    run_one = 3 * B * D * b <= min(args.max_current_gb * 2 ** 30, 0.8 * avail)
+    result["one_slab_run"] = run_one
+    paths = ["streamed"] + (["one_slab"] if run_one else []) + (["current"] if run_current else [])
     for p in paths:
         result[p] = {"peak": bm.peak_memory_subprocess(setup_json, p, json.dumps(jcfg))}
     times = {p: [] for p in paths}
