@@ -1,8 +1,14 @@
 """Grokking demo: the paper's modular-addition transformer (Section 5, Appendix E.2), recorded and
 explained.
 
-    python -m explaind_fast demo grokking            # CPU size (< 5 min on 2 cores)
-    python -m explaind_fast demo grokking --full     # the paper's size (GPU)
+    python -m explaind_fast demo grokking            # the paper's size, CPU settings (minutes)
+    python -m explaind_fast demo grokking --full     # every step, all 2000 test samples (GPU)
+    python -m explaind_fast demo grokking --tiny     # smoke test (seconds)
+
+The default and ``--full`` train the paper's model on the paper's data (p = 113, 4000 / 2000 pairs)
+to grokking; the default stores θ every 20 steps (``checkpoint_every``: each stored segment is
+attributed exactly as a whole, data="all") and attributes 16 test samples, so it skips Figures 4/5
+(data="sample" needs every step); ``--full`` stores and attributes every step.
 
 Trains ``ModularAdditionTransformer`` on a + b mod p with full-batch AdamW (β = (0.98, 0.99),
 weight decay 4.0 as the paper's Appendix E.2 states; Nanda et al. use 1.0) while a
@@ -13,10 +19,13 @@ at its step 1939), and writes a report directory:
   reconstruction initial + kernel + reg and the real final model, max |logit error|, evaluations,
   wall time.
 * ``figure3a.png`` / ``figure3a.csv`` — accuracy; Ψ̄_s(Θ) vs Ψ̄^reg_s(Θ); per-layer Ψ̄_s(Θ_layer) and
-  D_s(Θ_layer) over steps (step windows at CPU size).
+  D_s(Θ_layer) over steps (per stored update: 20-step windows by default).
 * ``influence_windows.png``, ``similarity_*.png`` — Figures 4/5: the decoder's test × train
   influence matrix (summed over outputs) for three step windows, ordered by (a+b) mod p, and the
-  cosine similarity of test predictions' influence vectors over the training samples, per layer.
+  cosine similarity of test predictions' influence vectors over the training samples, per layer
+  (only when every step is stored).
+* ``report.md`` — first the size, the wall time per phase, the exactness line and the
+  reconstruction error of every attribution run; then the details, tables and figures.
 
 Sign convention: contributions to the *change*, final = initial + kernel.sum() + reg.sum(); the
 paper's ψ is minus this (so the paper's D = Σ reg − Σ kernel here; see Attribution.difference).
