@@ -73,7 +73,9 @@ class GrokkingConfig(ConfigOverrides):
     #                                            only; Figures 4/5 need k = 1)
     attr_test: int = 2000                      # test samples attributed (all logits each)
     table1_test: Optional[int] = None          # test samples of the Table 1 runs (None: attr_test)
-    dtype: str = "float64"
+    dtype: str = "float64"                    # attribution dtype (and training's by default)
+    train_dtype: Optional[str] = None          # training + recording dtype (None: dtype); a
+    #                                            float32 run attributed in float64 stays exact
     rules: Tuple[str, ...] = TABLE1_RULES
     figure_rule: str = "kinks:8"              # rule of the Figure 3a/4/5 attributions (exact
     #                                            on ReLU models: splits each step at the kinks)
@@ -94,13 +96,15 @@ PRESETS: Dict[str, GrokkingConfig] = {
              "recorded step is attributed, all 2000 test samples, all 115 logits."),
     "cpu": GrokkingConfig(
         name="the paper's size (CPU settings: subsampled checkpoints, 16 test samples)",
-        eval_every=5, checkpoint_every=20, attr_test=16, table1_test=16,
+        eval_every=5, checkpoint_every=20, attr_test=16, table1_test=16, train_dtype="float32",
         rules=("midpoint:10", "midpoint:100", "gauss-legendre:8", "kinks:3"),
         figure_rule="kinks:3", figure3_window=1, influence=False, threads=1,
         note="The paper's model, data and training: p = 113, 4000 train / 2000 test pairs, "
              "d_model 64, 4 heads of 16, MLP 512, ReLU, full-batch AdamW lr 1e-3, β = (0.98, "
              "0.99), weight decay 4.0, trained until test accuracy is 100% (checked every 5 "
-             "steps). To fit a 2-core CPU in minutes: θ is stored every 20 steps "
+             "steps). To fit a 2-core CPU in minutes: trained and recorded in float32 (the "
+             "recorded float32 states are attributed in float64: the reconstruction stays exact), "
+             "θ is stored every 20 steps "
              "(checkpoint_every=20; each stored 20-step segment is attributed exactly as a "
              "whole, data='all'), and 16 of the 2000 test samples are attributed (all 115 "
              "logits). Figures 4/5 (data='sample') are not in this run: per-sample moments of the "
@@ -173,15 +177,17 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     dtype = getattr(torch, cfg.dtype)
+    train_dtype = getattr(torch, cfg.train_dtype or cfg.dtype)
     dev = torch.device(device or "cpu")
     os.makedirs(out_dir, exist_ok=True)
     k = int(cfg.checkpoint_every)
     log(f"[grokking] {cfg.name}: p={cfg.p}, {cfg.n_train} train / {cfg.n_test} test, "
-        f"{cfg.dtype}, device {dev}, {torch.get_num_threads()} thread(s), "
+        f"training {train_dtype}, attribution {dtype}, device {dev}, "
+        f"{torch.get_num_threads()} thread(s), "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     phases: Dict[str, float] = {}
 
-    data, model, opt = build(cfg, dev, dtype)
+    data, model, opt = build(cfg, dev, train_dtype)
     D = sum(p.numel() for p in model.parameters())
     tx, ty = data.train_x.to(dev), data.train_y.to(dev)
     vx, vy = data.test_x.to(dev), data.test_y.to(dev)
@@ -209,7 +215,8 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
                      if k > 1 else "every step stored") +
                   f"; test accuracy every {cfg.eval_every} step(s); train acc ≥ 99% at step "
                   f"{memo_step}, test acc ≥ 99% at step {grok_step}; final train acc "
-                  f"{hist[-1]['train_acc']:.3f}, test acc {hist[-1]['test_acc']:.3f}")
+                  f"{hist[-1]['train_acc']:.3f}, test acc {hist[-1]['test_acc']:.3f}; trained "
+                  f"and recorded in {train_dtype}".replace("torch.", ""))
     if train_only:
         plot_training(os.path.join(out_dir, "training.png"), hist,
                       title=f"grokking, {cfg.name}: p={cfg.p}")
@@ -364,7 +371,8 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
         f"- data: a + b mod {cfg.p} with a ≥ b, {cfg.n_train} train / {cfg.n_test} test pairs "
         f"(seed {cfg.seed})",
         train_line,
-        f"- dtype {cfg.dtype}; device {dev} ({platform.processor() or platform.machine()}, "
+        f"- attribution dtype {cfg.dtype} (training {cfg.train_dtype or cfg.dtype}); device {dev} "
+        f"({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs); torch {torch.__version__}",
     ]
     cols = ["rule", "accuracy", "kl", "max_abs_error", "max_step_residual_rel"] + \

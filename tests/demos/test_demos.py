@@ -200,10 +200,12 @@ def test_demo_smoke_tiny(tmp_path, capsys, demo, files):
 
 def test_grokking_tiny_subsampled_checkpoints(tmp_path):
     """The default preset's path at tiny size: θ stored every k steps, data="all" views on the
-    stored segments (exact with the kink-aware rule), Figures 4/5 reported as not computed."""
+    stored segments (exact with the kink-aware rule, float32 training attributed in float64),
+    Figures 4/5 reported as not computed."""
     from explaind_fast.demos import grokking
     cfg = grokking.PRESETS["tiny"].with_overrides(checkpoint_every=2, eval_every=2, threads=1,
-                                                  rules=("midpoint:10", "kinks:4"))
+                                                  rules=("midpoint:10", "kinks:4"),
+                                                  train_dtype="float32")
     out = tmp_path / "sub"
     summary = grokking.run(str(out), cfg, log=lambda s: None)
     assert (summary["num_steps"], summary["num_raw_steps"]) == (3, 6)
@@ -216,6 +218,7 @@ def test_grokking_tiny_subsampled_checkpoints(tmp_path):
     assert [r["steps"] for r in fig3] == ["0:2", "2:4", "4:6"]
     report = (out / "report.md").read_text()
     assert "θ stored every 2 steps" in report and "Figures 4/5 analogue: not in this run" in report
+    assert "recorded in float32" in report and "attribution dtype float64" in report
     assert not (out / "influence_windows.png").exists()
 
 
