@@ -70,7 +70,17 @@ def _rules(text: Optional[str]):
     return tuple(out)
 
 
+def _passive_openmp() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user set a policy: OpenMP threads then sleep instead of
+    spinning at barriers, which on a shared or small CPU made 2 threads 2.1–2.3× slower than one
+    (bench/results/demo_grokking_cpu.md). OpenMP reads it once, when torch loads: only effective
+    when torch is not imported yet (``python -m explaind_fast``)."""
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _passive_openmp()
     args = build_parser().parse_args(argv)
     if args.command != "demo":               # pragma: no cover - argparse enforces it
         return 2
