@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="test samples attributed (grokking; digits-cnn: Table 1 images)")
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("--threads", type=int, default=None,
-                      help="torch threads (grokking default: 1, the fastest on a shared 2-core "
-                           "CPU; see README)")
+                      help="torch threads (default: torch's, the number of cores; with "
+                           "OMP_WAIT_POLICY=PASSIVE, which this command sets unless you did, 2 "
+                           "threads were as fast as 1 on the loaded 2-core CPU; see README)")
     demo.add_argument("--checkpoint-every", type=int, default=None,
                       help="grokking: store θ every k steps (default 20; 1 with --full/--tiny); "
                            "k > 1 skips Figures 4/5 (they need every step)")

@@ -98,7 +98,7 @@ PRESETS: Dict[str, GrokkingConfig] = {
         name="the paper's size (CPU settings: subsampled checkpoints, 16 test samples)",
         eval_every=5, checkpoint_every=20, attr_test=16, table1_test=16, train_dtype="float32",
         rules=("midpoint:10", "midpoint:100", "gauss-legendre:8", "kinks:3"),
-        figure_rule="kinks:3", figure3_window=1, influence=False, threads=1,
+        figure_rule="kinks:3", figure3_window=1, influence=False,
         note="The paper's model, data and training: p = 113, 4000 train / 2000 test pairs, "
              "d_model 64, 4 heads of 16, MLP 512, ReLU, full-batch AdamW lr 1e-3, β = (0.98, "
              "0.99), weight decay 4.0, trained until test accuracy is 100% (checked every 5 "
