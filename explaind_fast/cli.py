@@ -109,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         demos.check_dependencies("matplotlib", "sklearn")
         from .demos import digits_cnn
+        if args.threads is not None:
+            import torch
+            torch.set_num_threads(args.threads)
         cfg = digits_cnn.PRESETS[size].with_overrides(
             dtype=args.dtype, rules=_rules(args.rules), attr_test=args.test_samples,
             seed=args.seed)
