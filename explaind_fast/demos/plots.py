@@ -134,4 +134,4 @@ def plot_table1(path: str, rows: Sequence[Dict[str, object]], eval_key: str,
     ax.set_ylabel("max |reconstructed − real logit|")
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path, left=0.15, top=0.9, bottom=0.14)
+    return _save(fig, path, left=0.15, right=0.84, top=0.9, bottom=0.14)   # room for labels
