@@ -2,7 +2,7 @@
 
 Each demo trains a model while recording it, attributes it with explaind_fast.attribute and writes a
 report directory (report.md, CSV files, PNG figures). The default size runs on a CPU in minutes
-(grokking: the paper's model, data and training to grokking, with θ stored every 20 steps and 16 test
+(grokking: the paper's model, data and training to grokking, with θ stored every 25 steps and 8 test
 samples; its report says what it computed); ``--full`` attributes every step and all test samples
 (for a GPU); ``--tiny`` is a seconds-long smoke test.
 """
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "OMP_WAIT_POLICY=PASSIVE, which this command sets unless you did, 2 "
                            "threads were as fast as 1 on the loaded 2-core CPU; see README)")
     demo.add_argument("--checkpoint-every", type=int, default=None,
-                      help="grokking: store θ every k steps (default 20; 1 with --full/--tiny); "
+                      help="grokking: store θ every k steps (default 25; 1 with --full/--tiny); "
                            "k > 1 skips Figures 4/5 (they need every step)")
     demo.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     demo.add_argument("--train-only", action="store_true",

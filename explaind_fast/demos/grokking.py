@@ -6,8 +6,8 @@ explained.
     python -m explaind_fast demo grokking --tiny     # smoke test (seconds)
 
 The default and ``--full`` train the paper's model on the paper's data (p = 113, 4000 / 2000 pairs)
-to grokking; the default stores θ every 20 steps (``checkpoint_every``: each stored segment is
-attributed exactly as a whole, data="all") and attributes 16 test samples, so it skips Figures 4/5
+to grokking; the default stores θ every 25 steps (``checkpoint_every``: each stored segment is
+attributed exactly as a whole, data="all") and attributes 8 test samples, so it skips Figures 4/5
 (data="sample" needs every step); ``--full`` stores and attributes every step.
 
 Trains ``ModularAdditionTransformer`` on a + b mod p with full-batch AdamW (β = (0.98, 0.99),
@@ -19,7 +19,7 @@ at its step 1939), and writes a report directory:
   reconstruction initial + kernel + reg and the real final model, max |logit error|, evaluations,
   wall time.
 * ``figure3a.png`` / ``figure3a.csv`` — accuracy; Ψ̄_s(Θ) vs Ψ̄^reg_s(Θ); per-layer Ψ̄_s(Θ_layer) and
-  D_s(Θ_layer) over steps (per stored update: 20-step windows by default).
+  D_s(Θ_layer) over steps (per stored update: 25-step windows by default).
 * ``influence_windows.png``, ``similarity_*.png`` — Figures 4/5: the decoder's test × train
   influence matrix (summed over outputs) for three step windows, ordered by (a+b) mod p, and the
   cosine similarity of test predictions' influence vectors over the training samples, per layer
@@ -95,18 +95,18 @@ PRESETS: Dict[str, GrokkingConfig] = {
              "MLP 512, full-batch AdamW lr 1e-3, β = (0.98, 0.99), weight decay 4.0; every "
              "recorded step is attributed, all 2000 test samples, all 115 logits."),
     "cpu": GrokkingConfig(
-        name="the paper's size (CPU settings: subsampled checkpoints, 16 test samples)",
-        eval_every=5, checkpoint_every=20, attr_test=16, table1_test=16, train_dtype="float32",
+        name="the paper's size (CPU settings: subsampled checkpoints, 8 test samples)",
+        eval_every=10, checkpoint_every=25, attr_test=8, table1_test=8, train_dtype="float32",
         rules=("midpoint:10", "midpoint:100", "gauss-legendre:8", "kinks:3"),
         figure_rule="kinks:3", figure3_window=1, influence=False,
         note="The paper's model, data and training: p = 113, 4000 train / 2000 test pairs, "
              "d_model 64, 4 heads of 16, MLP 512, ReLU, full-batch AdamW lr 1e-3, β = (0.98, "
-             "0.99), weight decay 4.0, trained until test accuracy is 100% (checked every 5 "
+             "0.99), weight decay 4.0, trained until test accuracy is 100% (checked every 10 "
              "steps). To fit a 2-core CPU in minutes: trained and recorded in float32 (the "
              "recorded float32 states are attributed in float64: the reconstruction stays exact), "
-             "θ is stored every 20 steps "
-             "(checkpoint_every=20; each stored 20-step segment is attributed exactly as a "
-             "whole, data='all'), and 16 of the 2000 test samples are attributed (all 115 "
+             "θ is stored every 25 steps "
+             "(checkpoint_every=25; each stored 25-step segment is attributed exactly as a "
+             "whole, data='all'), and 8 of the 2000 test samples are attributed (all 115 "
              "logits). Figures 4/5 (data='sample') are not in this run: per-sample moments of the "
              "4000 training samples need every step stored and 4000 × 97,331 gradients per step "
              "(see the note in the Figures 4/5 section); `--full` computes them."),
@@ -365,8 +365,8 @@ def run(out_dir: str, config: GrokkingConfig, *, device: Optional[str] = None,
         f"{_phase_line(phases)}; CPU time per phase: {_phase_line(cpu_phases)}",
         _exactness_line(rep.runs),
         f"- steps used: Table 1 and Figure 3a: all {N} stored updates "
-        + (f"(each a {k}-step segment θ_(20i) → θ_(20(i+1)), attributed as a whole, exactly)"
-           .replace("20", str(k)) if k > 1 else "(every step)")
+        + (f"(each a {k}-step segment θ_({k}i) → θ_({k}(i+1)), attributed as a whole, exactly)"
+           if k > 1 else "(every step)")
         + f"; Table 1 on {M1} test samples, Figure 3a on {M} test samples, all {model.vocab} "
           f"logits; Figures 4/5: "
         + (f"windows {[(raw(a), raw(b)) for a, b in wins]} (every step stored)" if fig45
