@@ -1,0 +1,174 @@
+"""Run a function on W local ranks of a torch.distributed gloo group (the tests and the scaling
+bench of :mod:`explaind_fast.attribution.distributed`), and compare two Attributions.
+
+    run_ranks("pkg.module:function", world, args, timeout=...) -> [rank 0's value, rank 1's, …]
+
+Each rank is a fresh process (torch.multiprocessing, spawn) that joins a gloo process group on a
+FileStore in a temporary folder (no port to pick), sets its thread count (``threads``), calls
+``function(rank, world, *args)`` and sends back its return value (torch.save) or its error text
+({"error": "Type: message"}). The whole run is killed after ``timeout`` seconds: a hang fails the
+caller instead of the CI job. ``pg_timeout`` is the process group's own timeout (how long a
+collective waits for a rank that died).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+
+def _entry(rank, target, world, store_path, out_dir, args, pg_timeout, threads):
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    import torch.distributed as dist
+    out = {}
+    try:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        module, name = target.split(":")
+        fn = getattr(importlib.import_module(module), name)
+        out = {"value": fn(rank, world, *args)}
+    except BaseException as e:                     # noqa: BLE001 — reported to the parent
+        out = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:                          # noqa: BLE001
+            pass
+
+
+def run_ranks(target: str, world: int, args=(), *, timeout: float = 300, pg_timeout: float = 60,
+              threads: Optional[int] = 1) -> list:
+    """[what each rank returned, or {"error": text}] (module docstring)."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory(prefix="explaind_ranks_") as tmp:
+        store = os.path.join(tmp, "store")
+        ctx = mp.start_processes(_entry, args=(target, world, store, tmp, tuple(args), pg_timeout,
+                                               threads),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run_ranks({target!r}, {world}): no result after "
+                                       f"{timeout} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+        out = []
+        for r in range(world):
+            path = os.path.join(tmp, f"rank{r}.pt")
+            out.append(torch.load(path, weights_only=False) if os.path.exists(path)
+                       else {"error": "no result (the process died)"})
+        return out
+
+
+def differences(a, b) -> dict:
+    """How far Attribution ``a`` is from ``b``: max |difference| of each tensor over b's max |·|
+    (relative to the tensor's scale; step_identity and the residuals are rounding-level numbers,
+    compared absolutely against the output scale), and whether the rest is equal."""
+    def rel(x, y, scale=None):
+        x, y = x.double(), y.double()
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel() == 0:
+            return 0.0
+        both_nan = torch.isnan(x) & torch.isnan(y)
+        d = torch.where(both_nan, torch.zeros_like(x), (x - y).abs())
+        s = scale if scale is not None else float(y.abs().nan_to_num().max())
+        return float(d.nan_to_num(float("inf")).max()) / max(s, 1e-300)
+    out_scale = max(float(b.initial.abs().max()), float(b.final.abs().max()))
+    d = {"kernel": rel(a.kernel, b.kernel), "reg": rel(a.reg, b.reg),
+         "initial": rel(a.initial, b.initial), "final": rel(a.final, b.final),
+         "step_residual": rel(a.step_residual, b.step_residual, out_scale),
+         "step_identity": rel(a.step_identity, b.step_identity, 1.0)}
+    d["evaluations_equal"] = all(torch.equal(a.evaluations[k], b.evaluations[k])
+                                 for k in b.evaluations)
+    d["plan_equal"] = a.plan == b.plan
+    d["dims_equal"] = a.dims == b.dims and a.axes == b.axes
+    d["quadrature_equal"] = a.quadrature == b.quadrature
+    d["credit_equal"] = a.credit == b.credit
+    ca, cb = dict(a.certificate), dict(b.certificate)
+    d["certificate_problems_equal"] = ca.get("problems") == cb.get("problems")
+    d["certificate_scale"] = abs(ca.get("reconstruction_scale", 0.0) -
+                                 cb.get("reconstruction_scale", 0.0)) / max(
+        abs(cb.get("reconstruction_scale", 0.0)), 1e-300)
+    return d
+
+
+# ------------------------------------------------------------------------------ test scenarios
+_RUNS = {}
+
+
+def tiny_run(act: str = "tanh", steps: int = 4):
+    """The engine tests' TinyMLP run (float64, AdamW, two param groups, clipping), replayed into a
+    MemoryTrajectory: the same numbers in every rank."""
+    key = (act, steps)
+    if key not in _RUNS:
+        from .runs import tiny_mlp_run
+        _RUNS[key] = tiny_mlp_run(act=act, steps=steps, record="memory")
+    return _RUNS[key]
+
+
+class _FailingTrajectory:
+    """A trajectory whose θ read raises at step ``at`` (an I/O error on one rank)."""
+
+    def __init__(self, traj, at: int):
+        self._traj, self._at = traj, at
+
+    def __getattr__(self, name):
+        return getattr(self._traj, name)
+
+    def theta(self, s, *a, **kw):
+        if s == self._at:
+            raise OSError(f"injected read failure of theta {s}")
+        return self._traj.theta(s, *a, **kw)
+
+
+def compare_cases(rank: int, world: int, cases) -> dict:
+    """For each case {"name", "act", "kw", "gather_to" (default 0), "fail_rank" (None)}: every rank
+    calls attribute(**kw) under the process group; the receiving rank(s) also run it with
+    distributed=False and return :func:`differences` (others: whether they got None). A case with
+    "fail_rank" makes that rank's trajectory fail and returns the error every rank raised."""
+    import torch.nn.functional as F
+
+    from ..attribution import DistributedAttributionError, attribute
+    out = {}
+    for case in cases:
+        model, traj, (Xtr, Ytr), Xte, Yte, _ = tiny_run(case.get("act", "tanh"),
+                                                       case.get("steps", 4))
+        kw = dict(test_targets=Yte, train_data=(Xtr, Ytr), progress=False,
+                  loss_fn=lambda o, y: F.cross_entropy(o, y, reduction="none"))
+        kw.update(case.get("kw", {}))
+        gather_to = case.get("gather_to", 0)
+        fail = case.get("fail_rank")
+        t = _FailingTrajectory(traj, at=2) if fail == rank else traj
+        t0 = time.monotonic()
+        try:
+            got = attribute(model, t, Xte, gather_to=gather_to, **kw)
+        except DistributedAttributionError as e:
+            out[case["name"]] = {"error": str(e), "failed": sorted(e.failed),
+                                 "seconds": time.monotonic() - t0}
+            continue
+        if fail is not None:
+            out[case["name"]] = {"error": None}
+            continue
+        if got is None:
+            out[case["name"]] = {"none": True}
+            continue
+        want = attribute(model, traj, Xte, distributed=False, **kw)
+        d = differences(got, want)
+        d["split"] = got.distributed["split"]
+        out[case["name"]] = d
+    return out
