@@ -140,7 +140,8 @@ def compare_cases(rank: int, world: int, cases) -> dict:
     """For each case {"name", "act", "kw", "gather_to" (default 0), "fail_rank" (None)}: every rank
     calls attribute(**kw) under the process group; the receiving rank(s) also run it with
     distributed=False and return :func:`differences` (others: whether they got None). A case with
-    "fail_rank" makes that rank's trajectory fail and returns the error every rank raised."""
+    "fail_rank" makes that rank's trajectory fail and returns the error every rank raised; one
+    with "bad" expects a ValueError (an argument error) and returns its text."""
     import torch.nn.functional as F
 
     from ..attribution import DistributedAttributionError, attribute
@@ -157,6 +158,11 @@ def compare_cases(rank: int, world: int, cases) -> dict:
         t0 = time.monotonic()
         try:
             got = attribute(model, t, Xte, gather_to=gather_to, **kw)
+        except ValueError as e:
+            if not case.get("bad"):
+                raise
+            out[case["name"]] = {"plain_error": f"{type(e).__name__}: {e}"}
+            continue
         except DistributedAttributionError as e:
             out[case["name"]] = {"error": str(e), "failed": sorted(e.failed),
                                  "seconds": time.monotonic() - t0}
