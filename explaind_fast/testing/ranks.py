@@ -35,6 +35,7 @@ def _entry(rank, target, world, store_path, out_dir, args, pg_timeout, threads):
         module, name = target.split(":")
         fn = getattr(importlib.import_module(module), name)
         out = {"value": fn(rank, world, *args)}
+        dist.barrier()                             # nobody tears the group down under another
     except BaseException as e:                     # noqa: BLE001 — reported to the parent
         out = {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -178,3 +179,43 @@ def compare_cases(rank: int, world: int, cases) -> dict:
         d["split"] = got.distributed["split"]
         out[case["name"]] = d
     return out
+
+
+# ------------------------------------------------------------------------------ the scaling bench
+def timed_attribute(rank: int, world: int, job: dict) -> dict:
+    """One timed attribute() call on every rank (bench/bench_distributed.py).
+
+    job: {"model": ("module:Class", kwargs), "dtype": "float64", "trajectory": directory,
+    "data": path of a torch.save'd {"test_inputs", "test_targets", "train_data"}, "kw": attribute
+    keyword arguments}. The model is rebuilt (its weights are not used), the trajectory loaded,
+    one warm-up call on the first test sample (lazy imports, first-call costs), the ranks meet at
+    a barrier, then the call is measured (wall, CPU, peak RSS above the RSS
+    before it: :class:`explaind_fast.testing.benchmark.track_peak`). Returns the measurement and,
+    on the receiving rank, the reconstruction error and split."""
+    import torch.distributed as dist
+
+    from ..attribution import attribute
+    from ..store import Trajectory
+    from . import benchmark as bm
+    module, name = job["model"][0].split(":")
+    dtype = getattr(torch, job.get("dtype", "float64"))
+    model = getattr(importlib.import_module(module), name)(**job["model"][1]).to(dtype)
+    traj = Trajectory.load(job["trajectory"])
+    data = torch.load(job["data"], weights_only=False)
+    kw = dict(job.get("kw", {}))
+    tt = data.get("test_targets")
+    attribute(model, traj, data["test_inputs"][:1], test_targets=None if tt is None else tt[:1],
+              train_data=data.get("train_data"), progress=False, **kw)     # warm-up (lazy imports)
+    dist.barrier()
+    with bm.track_peak("cpu") as peak, bm.measure("cpu") as m:
+        out = attribute(model, traj, data["test_inputs"], test_targets=data.get("test_targets"),
+                        train_data=data.get("train_data"), progress=False, **kw)
+    res = {"rank": rank, "world": world, "wall_s": m.wall_s, "cpu_s": m.cpu_s,
+           "peak_extra_bytes": peak["peak_extra_bytes"], "peak_bytes": peak["peak_bytes"],
+           "peak_method": peak["method"], "threads": torch.get_num_threads()}
+    if out is not None:
+        res.update(reconstruction_error=out.reconstruction_error,
+                   split=getattr(out, "distributed", {}).get("split", "one process"),
+                   mode=out.plan["mode"], credit=out.credit, kernel_shape=list(out.kernel.shape),
+                   kernel_sum=float(out.kernel.double().sum()))
+    return res
