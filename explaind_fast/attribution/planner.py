@@ -15,6 +15,12 @@ forward recursion keeps a per-partition state (else 0), (P+1)·D the contraction
 B = [Φ_s[1..P]; r_s], G·(P+1) per row the contraction's output chunk, X = 1 when the contraction falls back to an
 [R, P, D] product (more than 64 groups and no fused op), H = 1 with the backward recursion.
 Costs are FLOP-ish (a dense model's forward is ≈ 2D flops per sample); they only rank the modes.
+
+Across W ranks (:mod:`.distributed`, docs/design.md §13) every rank gets this same plan and takes
+a share: "steps" (data="all", step-local rule) N/W updates each at the peak above; "rows" (reverse
+mode) the row chunks i ≡ r (mod W), same peak; "tangents" (forward mode) ⌈G/W⌉·2 tangents
+(data="all") or the partitions p ≡ r (mod W), E → ⌈P/W⌉·D. Every rank also holds the full
+result buffers b·(S·G·(P+1)·M·K + N·M·K).
 """
 from __future__ import annotations
 
