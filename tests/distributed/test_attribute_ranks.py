@@ -9,7 +9,6 @@ quadrature residuals and the step identity (rounding-level numbers) within 1e-12
 scale, evaluations, plan, axes, quadrature text and certificate problems equal.
 """
 import pytest
-import torch
 
 from explaind_fast.attribution import distributed as D
 from explaind_fast.testing.ranks import run_ranks
@@ -110,4 +109,3 @@ def test_share_row_chunks_cuts_to_world():
     chunks = D.share_row_chunks(1, 4, 1, 4, 2)                    # then outputs
     assert len(chunks) == 2 and all(c[0] == slice(0, 1) for c in chunks)
     assert len(D.share_row_chunks(4, 3, 1, 3, 2)) == 4            # the plan's when enough
-    assert torch.Size([1])  # (torch imported for the fixture's tensors)
