@@ -13,7 +13,7 @@ and then takes a share of it, chosen by :func:`choose_split`:
   [N·r/W, N·(r+1)/W); the regularisation recursion R_s is replayed from 0 to its start (one
   θ read and a few D-vector operations per earlier step) and Φ_s = −Δ_s − r_s needs nothing else.
   No collective until the end.
-* ``"rows"`` — reverse mode (either credit): every rank walks every step and finds its quadrature
+* ``"rows"`` — reverse mode (either credit; gradient credit when the Jacobian rows dominate): every rank walks every step and finds its quadrature
   nodes (the rule sees the same numbers on every rank, so a rule that carries state from step to
   step — "auto", "kinks", the checked Gauss–Legendre — chooses the same nodes as in one process),
   and computes the test rows (sample × output chunks of the plan, re-cut to at least W chunks) of
@@ -21,6 +21,11 @@ and then takes a share of it, chosen by :func:`choose_split`:
   rule's deferred residual check needs all rows); the training gradients are recomputed on every
   rank. Gradient credit: the batch gradients are recomputed once per row chunk anyway (one
   process does the same), so a rank recomputes them for its chunks only.
+* ``"partitions"`` — gradient credit when recomputing the batch gradients costs more than the
+  Jacobian rows of a step (|B|·min(P, |B|) sample backward passes against Q·M·K rows): every rank
+  computes every test row (the same φ rows and backward recursion as one process) and the
+  gradients and contributions of its partitions p ≡ r (mod W) only, rank 0 the regularisation;
+  Σ_p G_s[p] is summed over ranks for the step identity.
 * ``"tangents"`` — forward mode otherwise: every rank walks every step and finds the nodes; the
   JVP tangents (group × row of B = [Φ_s[1..P]; r_s], plus Δ_s) are shared out. With per-sample
   data the data partitions are split: rank r owns partitions p ≡ r (mod W), recomputes the
@@ -171,12 +176,23 @@ def context(distributed, gather_to=0, group=None) -> Optional[Context]:
 
 
 def choose_split(pb) -> str:
-    """"steps", "rows" or "tangents" (module docstring)."""
+    """"steps", "rows", "partitions" or "tangents" (module docstring)."""
     if pb.credit == "update" and not pb.per_sample_data and pb.rule.kind in STEP_LOCAL_RULES:
         return "steps"
+    if pb.credit == "gradient" and _gradients_dominate(pb):
+        return "partitions"
     if pb.plan.mode == "reverse":
         return "rows"
     return "tangents"
+
+
+def _gradients_dominate(pb) -> bool:
+    """Gradient credit: whether recomputing the batch gradients costs more than the Jacobian rows
+    of a step — |B|·min(U, |B|) sample backward passes (one backward of the batch per partition U
+    present; one vmapped pass when every sample is its own partition) against Q·M·K rows."""
+    B = len(pb.traj.step(0).batch_indices)
+    U = 1 if pb.P == len(pb.train) else min(pb.P, B)
+    return B * U > max(1, pb.rule.expected_nodes) * pb.M * pb.K
 
 
 # ---------------------------------------------------------------------------------- the driver
@@ -200,8 +216,8 @@ def attribute_across_ranks(ctx: Context, make_problem: Callable, *, progress: Ca
     bar = progress(pb.N, ctx.rank == 0)
     try:
         try:
-            {"steps": _run_steps, "rows": _run_rows, "tangents": _run_tangents}[split](
-                ctx, pb, acc, bar)
+            {"steps": _run_steps, "rows": _run_rows, "tangents": _run_tangents,
+             "partitions": _run_partitions}[split](ctx, pb, acc, bar)
         except (_PeerFailed, _CommFailed):
             raise
         except Exception as e:
@@ -466,6 +482,63 @@ def _rows_gradient(ctx: Context, pb, acc: Accumulator, bar, mine) -> None:
             t.zero_()
         acc.change.zero_()
     acc.ev_jvp += rows_jvp                  # Jacobian rows: each rank its chunks'
+
+
+# ---------------------------------------------------------------------------------- "partitions"
+def _run_partitions(ctx: Context, pb, acc: Accumulator, bar) -> None:
+    """Gradient credit when the batch gradients dominate: every rank every row chunk of the plan
+    (the same φ rows and backward recursion as one process), the gradients and contributions of
+    the partitions p ≡ rank (mod W) only; the regularisation on rank 0; Σ_p G_s[p] summed over
+    ranks for rank 0's step identity (first chunk)."""
+    traj, rule, G, P, D = pb.traj, pb.traj.rule, pb.G, pb.P, pb.D
+    opts = dict(dtype=pb.dtype, device=pb.device)
+    me, W = ctx.rank, ctx.world
+    owned = torch.zeros(P, dtype=torch.bool)
+    owned[me::W] = True
+    part_ids = pb.part.ids.cpu()
+    nodes_of = {}
+    for idx, ks in row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk):
+        first = not nodes_of
+        recursion = BackwardRecursion()
+        th_next = traj.theta(pb.N, **opts)
+        for s in reversed(range(pb.N)):
+            th = traj.theta(s, **opts)
+            delta = th_next - th
+            th_next = th
+            rec = traj.step(s)
+            c = rule.coefficients(rec, **opts)
+            if s not in nodes_of:
+                nodes_of[s] = acc.nodes(s, th, delta)
+            nodes = nodes_of[s]
+            acc.ev_nodes[s] = nodes.num_nodes
+            phi = reverse_phi(pb.tf, th, delta, nodes, idx, pb.plan.pair_chunk, ks)
+            m, kc = phi.shape[:2]
+            acc.ev_jvp[s] += nodes.num_nodes * m * kc
+            rows = phi.reshape(m * kc, -1)
+            H, Hreg = recursion.step(c, rows)
+            sub = _own_batch(rec, part_ids, owned)
+            if len(sub.batch_indices):
+                present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, sub,
+                                                  pb.part.ids)
+            else:
+                present, Gp = torch.zeros(0, dtype=torch.int64), torch.zeros(0, D, **opts)
+            if first:
+                g_sum = ctx.sum_(Gp.sum(0) if len(Gp) else torch.zeros(D, **opts))
+                if me == 0:
+                    acc.identity.step(s, c, rec, th, delta, th + delta, g_sum, backward=True)
+            o = segment_contract(H, c.gain[None] * Gp, pb.groups) if len(Gp) else \
+                torch.zeros(G, m * kc, 0, **opts)
+            ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
+            if me != 0:
+                ro = torch.zeros_like(ro)
+            acc.add_gradient_step(s, present, idx, ks,
+                                  o.reshape(G, m, kc, o.shape[-1]).permute(0, 3, 1, 2),
+                                  ro.reshape(G, m, kc))
+            acc.certify(s, (rows @ delta).reshape(m, kc), idx, ks)
+            if first:
+                bar.update(1)
+    if me != 0:             # the rows, the nodes, the residuals: the same on every rank
+        _keep_counters(acc, torch.zeros(pb.N, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------- "tangents"

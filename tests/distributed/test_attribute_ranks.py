@@ -1,7 +1,7 @@
 """attribute(...) on 2 gloo ranks (spawned processes, FileStore) equals the single-process run.
 
 One spawn runs every case (spawning costs seconds; the cases take about 20 s together on a loaded
-2-core CPU): each mode × data × credit combination the three splits of
+2-core CPU): each mode × data × credit combination the four splits of
 explaind_fast.attribution.distributed cover, gather_to 0 / 1 / "all", a rank whose trajectory read
 raises mid-run (in a split with per-step collectives and in one without), and an argument error
 on every rank. Float64: kernel and reg within 1e-12 of their scale (summation order only), the
@@ -31,6 +31,9 @@ CASES = [
     ("sample-gradient-each", {}, dict(data="sample", credit="gradient", steps="each",
                                       quadrature=GL), "rows"),
     ("sample-forward-all", {}, dict(data="sample", mode="forward", quadrature=GL), "tangents"),
+    ("label-gradient-partitions", {}, dict(data="label", credit="gradient", steps="each",
+                                           output=0, params="tensor", quadrature=GL),
+     "partitions"),
 ]
 OTHER = [
     {"name": "gather-all", "gather_to": "all",
@@ -42,6 +45,8 @@ OTHER = [
     {"name": "fail-steps", "fail_rank": 0, "kw": dict(data="all", quadrature=GL)},
     {"name": "fail-rows", "fail_rank": 1, "kw": dict(data="label", credit="gradient",
                                                      quadrature=GL)},
+    {"name": "fail-partitions", "fail_rank": 1, "kw": dict(data="label", credit="gradient",
+                                                           output=0, quadrature=GL)},
     {"name": "bad-argument", "bad": True, "kw": dict(data="all", steps="nonsense")},
 ]
 TOL = 1e-12
@@ -81,7 +86,8 @@ def test_gather_to(ranks):
     _equal(ranks[1]["gather-1"])
 
 
-@pytest.mark.parametrize("name,bad", [("fail-tangents", 1), ("fail-steps", 0), ("fail-rows", 1)])
+@pytest.mark.parametrize("name,bad", [("fail-tangents", 1), ("fail-steps", 0), ("fail-rows", 1),
+                                      ("fail-partitions", 1)])
 def test_a_failing_rank_stops_every_rank(ranks, name, bad):
     for r in (0, 1):
         got = ranks[r][name]
