@@ -4,8 +4,10 @@ each), on a modular-addition transformer (explaind_fast.demos) trained full-batc
 Two workloads:
   all    data="all", params="module", steps="each" (layer × step), a fixed Gauss–Legendre rule:
          the "steps" split (each rank a contiguous step range, no collective until the end).
-  label  data="label" (one partition per class), steps="all": gradient credit in reverse mode,
-         the "rows" split (each rank its test-row chunks, the batch gradients per chunk).
+  label  data="label" (one partition per class), steps="all": gradient credit in reverse mode;
+         with the default sizes the batch gradients (one backward of the full batch per class)
+         cost more than the Jacobian rows, so the "partitions" split (each rank every test row,
+         the gradients and contributions of its classes).
 
 Each rank is a fresh spawned process (explaind_fast.testing.ranks.run_ranks: gloo on a FileStore,
 OMP_NUM_THREADS=1 and torch.set_num_threads(1)) that loads the recorded trajectory, meets the
@@ -42,7 +44,8 @@ def record(args, directory):
     torch.manual_seed(0)
     mkw = dict(p=args.p, d_model=args.d_model, n_heads=4, d_head=args.d_model // 4,
                d_mlp=args.d_mlp, act="gelu")
-    data = modular_addition_data(p=args.p, n_train=args.train, n_test=max(args.test, 4))
+    data = modular_addition_data(p=args.p, n_train=args.train,
+                                 n_test=max(args.test, args.label_test, 4))
     model = ModularAdditionTransformer(**mkw).to(torch.float64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
     X, Y = data.train_x, data.train_y
@@ -53,8 +56,9 @@ def record(args, directory):
             opt.zero_grad()
             F.cross_entropy(model(X), Y).backward()
             opt.step()
-    torch.save({"test_inputs": data.test_x[:args.test], "test_targets": data.test_y[:args.test],
-                "train_data": (X, Y)}, os.path.join(directory, "data.pt"))
+    for name, m in (("data.pt", args.test), ("data_label.pt", args.label_test)):
+        torch.save({"test_inputs": data.test_x[:m], "test_targets": data.test_y[:m],
+                    "train_data": (X, Y)}, os.path.join(directory, name))
     return mkw, Trajectory.load(traj_dir).layout.D
 
 
@@ -69,9 +73,10 @@ def main(argv=None):
     ap.add_argument("--p", type=int, default=31)
     ap.add_argument("--d-model", type=int, default=32)
     ap.add_argument("--d-mlp", type=int, default=128)
-    ap.add_argument("--train", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--test", type=int, default=8)
+    ap.add_argument("--train", type=int, default=160)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--label-test", type=int, default=8, help="test samples of the label workload")
     ap.add_argument("--rule", default="gauss-legendre:4")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -86,8 +91,9 @@ def main(argv=None):
         mkw, D = record(args, tmp)
         result["D"] = D
         for name in args.workloads.split(","):
+            data = os.path.join(tmp, "data_label.pt" if name == "label" else "data.pt")
             job = {"model": (MODEL, mkw), "dtype": "float64",
-                   "trajectory": os.path.join(tmp, "traj"), "data": os.path.join(tmp, "data.pt"),
+                   "trajectory": os.path.join(tmp, "traj"), "data": data,
                    "kw": dict(WORKLOADS[name], quadrature=args.rule)}
             runs = {1: [], args.world: []}
             for _ in range(args.repeats):

@@ -13,9 +13,10 @@ and then takes a share of it, chosen by :func:`choose_split`:
   [N·r/W, N·(r+1)/W); the regularisation recursion R_s is replayed from 0 to its start (one
   θ read and a few D-vector operations per earlier step) and Φ_s = −Δ_s − r_s needs nothing else.
   No collective until the end.
-* ``"rows"`` — reverse mode (either credit; gradient credit when the Jacobian rows dominate): every rank walks every step and finds its quadrature
-  nodes (the rule sees the same numbers on every rank, so a rule that carries state from step to
-  step — "auto", "kinks", the checked Gauss–Legendre — chooses the same nodes as in one process),
+* ``"rows"`` — reverse mode (either credit; gradient credit when the Jacobian rows dominate):
+  every rank walks every step and finds its quadrature nodes (the rule sees the same numbers on
+  every rank, so a rule that carries state from step to step — "auto", "kinks", the checked
+  Gauss–Legendre — chooses the same nodes as in one process),
   and computes the test rows (sample × output chunks of the plan, re-cut to at least W chunks) of
   its share, round robin. Update credit: the [M, K] φ_s·Δ_s is summed over ranks each step (the
   rule's deferred residual check needs all rows); the training gradients are recomputed on every
@@ -196,7 +197,8 @@ def _gradients_dominate(pb) -> bool:
 
 
 # ---------------------------------------------------------------------------------- the driver
-def attribute_across_ranks(ctx: Context, make_problem: Callable, *, progress: Callable, strict: bool,
+def attribute_across_ranks(ctx: Context, make_problem: Callable, *, progress: Callable,
+                           strict: bool,
                            translate: Callable, finish_plan: Callable):
     """Prepare on every rank, run this rank's share, exchange statuses, sum the buffers onto
     gather_to and build the Attribution there (None on the other ranks).
@@ -245,7 +247,8 @@ def attribute_across_ranks(ctx: Context, make_problem: Callable, *, progress: Ca
         _gather(ctx, pb, acc, split, statuses[0])
     except _CommFailed as e:
         raise DistributedAttributionError(
-            f"rank {ctx.rank}: gathering the result failed ({e})", {ctx.rank: str(e)}) from e.__cause__
+            f"rank {ctx.rank}: gathering the result failed ({e})",
+            {ctx.rank: str(e)}) from e.__cause__
     if not ctx.receives:
         return None
     out = acc.result(strict=strict)
@@ -295,7 +298,8 @@ def _extras(ctx: Context, pb, acc):
 
 def _gather(ctx: Context, pb, acc: Accumulator, split: str, extras0) -> None:
     """Sum the accumulator's buffers onto the receiving ranks. Every rank has zeroed what it does
-    not own (see the _run_* functions), so each entry is either owned by one rank or a partial sum."""
+    not own (see the _run_* functions), so each entry is either owned by one rank or a partial
+    sum."""
     for name in ("kernel", "reg", "residual", "change", "mass"):
         setattr(acc, name, ctx.reduce_to_receivers(getattr(acc, name)))
     for name in ("ev_nodes", "ev_jvp", "ev_fwd"):

@@ -18,7 +18,8 @@ Costs are FLOP-ish (a dense model's forward is ≈ 2D flops per sample); they on
 
 Across W ranks (:mod:`.distributed`, docs/design.md §13) every rank gets this same plan and takes
 a share: "steps" (data="all", step-local rule) N/W updates each at the peak above; "rows" (reverse
-mode) the row chunks i ≡ r (mod W), same peak; "tangents" (forward mode) ⌈G/W⌉·2 tangents
+mode) the row chunks i ≡ r (mod W), same peak; "partitions" (gradient credit, gradients
+dominating) every row, the partitions p ≡ r (mod W), same peak; "tangents" (forward mode) ⌈G/W⌉·2 tangents
 (data="all") or the partitions p ≡ r (mod W), E → ⌈P/W⌉·D. Every rank also holds the full
 result buffers b·(S·G·(P+1)·M·K + N·M·K).
 """
