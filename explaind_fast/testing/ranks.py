@@ -35,7 +35,6 @@ def _entry(rank, target, world, store_path, out_dir, args, pg_timeout, threads):
         module, name = target.split(":")
         fn = getattr(importlib.import_module(module), name)
         out = {"value": fn(rank, world, *args)}
-        dist.barrier()                             # nobody tears the group down under another
     except BaseException as e:                     # noqa: BLE001 — reported to the parent
         out = {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -43,6 +42,7 @@ def _entry(rank, target, world, store_path, out_dir, args, pg_timeout, threads):
         try:
             import torch.distributed as dist
             if dist.is_initialized():
+                dist.barrier()                     # nobody tears the group down under another
                 dist.destroy_process_group()
         except Exception:                          # noqa: BLE001
             pass
@@ -58,11 +58,12 @@ def run_ranks(target: str, world: int, args=(), *, timeout: float = 300, pg_time
                                                threads),
                                  nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+        try:            # poll (ctx.join would kill the other ranks when one exits with an error)
+            while any(p.is_alive() for p in ctx.processes):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"run_ranks({target!r}, {world}): no result after "
                                        f"{timeout} s")
+                time.sleep(0.05)
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -123,16 +124,19 @@ def tiny_run(act: str = "tanh", steps: int = 4):
 
 
 class _FailingTrajectory:
-    """A trajectory whose θ read raises at step ``at`` (an I/O error on one rank)."""
+    """A trajectory whose θ read raises at step ``at`` (an I/O error on one rank), or whose
+    process dies there (``die``)."""
 
-    def __init__(self, traj, at: int):
-        self._traj, self._at = traj, at
+    def __init__(self, traj, at: int, die: bool = False):
+        self._traj, self._at, self._die = traj, at, die
 
     def __getattr__(self, name):
         return getattr(self._traj, name)
 
     def theta(self, s, *a, **kw):
         if s == self._at:
+            if self._die:
+                os._exit(3)
             raise OSError(f"injected read failure of theta {s}")
         return self._traj.theta(s, *a, **kw)
 
@@ -142,7 +146,8 @@ def compare_cases(rank: int, world: int, cases) -> dict:
     calls attribute(**kw) under the process group; the receiving rank(s) also run it with
     distributed=False and return :func:`differences` (others: whether they got None). A case with
     "fail_rank" makes that rank's trajectory fail and returns the error every rank raised; one
-    with "bad" expects a ValueError (an argument error) and returns its text."""
+    with "bad" expects a ValueError (an argument error) and returns its text; "die" makes the
+    failing rank's process exit there instead."""
     import torch.nn.functional as F
 
     from ..attribution import DistributedAttributionError, attribute
@@ -155,7 +160,7 @@ def compare_cases(rank: int, world: int, cases) -> dict:
         kw.update(case.get("kw", {}))
         gather_to = case.get("gather_to", 0)
         fail = case.get("fail_rank")
-        t = _FailingTrajectory(traj, at=2) if fail == rank else traj
+        t = _FailingTrajectory(traj, at=2, die=case.get("die", False)) if fail == rank else traj
         t0 = time.monotonic()
         try:
             got = attribute(model, t, Xte, gather_to=gather_to, **kw)

@@ -115,3 +115,16 @@ def test_share_row_chunks_cuts_to_world():
     chunks = D.share_row_chunks(1, 4, 1, 4, 2)                    # then outputs
     assert len(chunks) == 2 and all(c[0] == slice(0, 1) for c in chunks)
     assert len(D.share_row_chunks(4, 3, 1, 3, 2)) == 4            # the plan's when enough
+
+
+def test_a_dead_rank_stops_the_others():
+    """A rank whose process exits mid-run (os._exit in a θ read): the survivor's next collective
+    fails (gloo sees the closed connection; otherwise the process group's timeout, 20 s here)
+    and it raises DistributedAttributionError instead of hanging."""
+    case = {"name": "die", "fail_rank": 1, "die": True,
+            "kw": dict(data="label", mode="forward", steps="each", quadrature=GL)}
+    out = run_ranks("explaind_fast.testing.ranks:compare_cases", 2, ([case],), timeout=120,
+                    pg_timeout=20)
+    assert out[1] == {"error": "no result (the process died)"}
+    got = out[0]["value"]["die"]
+    assert got["failed"] == [0] and "died or timed out" in got["error"], got
