@@ -6,7 +6,8 @@ equals the 1-rank kernel."""
 def test_bench_distributed_smoke(load_bench):
     bench = load_bench("bench_distributed")
     r = bench.main(["--p", "5", "--d-model", "8", "--d-mlp", "8", "--train", "10", "--steps",
-                    "2", "--test", "2", "--repeats", "1", "--workloads", "all"])
+                    "2", "--test", "2", "--label-test", "2", "--repeats", "1",
+                    "--workloads", "all"])
     row = r["workloads"]["all"]
     assert row["split"] == "steps" and row["speedup_median"] > 0
     assert abs(row["kernel_sum_2ranks"] - row["kernel_sum_1rank"]) <= \
