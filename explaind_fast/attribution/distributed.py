@@ -23,7 +23,8 @@ and then takes a share of it, chosen by :func:`choose_split`:
   rank. Gradient credit: the batch gradients are recomputed once per row chunk anyway (one
   process does the same), so a rank recomputes them for its chunks only.
 * ``"partitions"`` — gradient credit when recomputing the batch gradients costs more than the
-  Jacobian rows of a step (|B|·min(P, |B|) sample backward passes against Q·M·K rows): every rank
+  Jacobian rows of a step (|B|·min(P, |B|) sample backward passes against
+  JACOBIAN_ROW_COST·Q·M·K rows): every rank
   computes every test row (the same φ rows and backward recursion as one process) and the
   gradients and contributions of its partitions p ≡ r (mod W) only, rank 0 the regularisation;
   Σ_p G_s[p] is summed over ranks for the step identity.
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -187,13 +189,24 @@ def choose_split(pb) -> str:
     return "tangents"
 
 
+#: cost of one Jacobian row (one sample's vmapped reverse pass for one output at one node) in
+#: units of one sample's share of a batched backward pass: measured ≈ 100 on the CPU
+#: (bench_distributed's transformer: 1056 rows 3.9 s, 31 backwards of a 160-sample batch 0.19 s)
+JACOBIAN_ROW_COST = 64
+
+
 def _gradients_dominate(pb) -> bool:
     """Gradient credit: whether recomputing the batch gradients costs more than the Jacobian rows
     of a step — |B|·min(U, |B|) sample backward passes (one backward of the batch per partition U
-    present; one vmapped pass when every sample is its own partition) against Q·M·K rows."""
+    present; one vmapped pass when every sample is its own partition) against
+    JACOBIAN_ROW_COST·Q·M·K. The environment variable EXPLAIND_DIST_SPLIT=rows|partitions
+    overrides the choice (experiments, tests)."""
+    forced = os.environ.get("EXPLAIND_DIST_SPLIT", "").strip().lower()
+    if forced in ("rows", "partitions"):
+        return forced == "partitions"
     B = len(pb.traj.step(0).batch_indices)
     U = 1 if pb.P == len(pb.train) else min(pb.P, B)
-    return B * U > max(1, pb.rule.expected_nodes) * pb.M * pb.K
+    return B * U > JACOBIAN_ROW_COST * max(1, pb.rule.expected_nodes) * pb.M * pb.K
 
 
 # ---------------------------------------------------------------------------------- the driver

@@ -147,7 +147,7 @@ def compare_cases(rank: int, world: int, cases) -> dict:
     distributed=False and return :func:`differences` (others: whether they got None). A case with
     "fail_rank" makes that rank's trajectory fail and returns the error every rank raised; one
     with "bad" expects a ValueError (an argument error) and returns its text; "die" makes the
-    failing rank's process exit there instead."""
+    failing rank's process exit there instead; "env" sets environment variables for the call."""
     import torch.nn.functional as F
 
     from ..attribution import DistributedAttributionError, attribute
@@ -162,6 +162,8 @@ def compare_cases(rank: int, world: int, cases) -> dict:
         fail = case.get("fail_rank")
         t = _FailingTrajectory(traj, at=2, die=case.get("die", False)) if fail == rank else traj
         t0 = time.monotonic()
+        saved = {k: os.environ.get(k) for k in case.get("env", {})}
+        os.environ.update(case.get("env", {}))
         try:
             got = attribute(model, t, Xte, gather_to=gather_to, **kw)
         except ValueError as e:
@@ -173,6 +175,12 @@ def compare_cases(rank: int, world: int, cases) -> dict:
             out[case["name"]] = {"error": str(e), "failed": sorted(e.failed),
                                  "seconds": time.monotonic() - t0}
             continue
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if fail is not None:
             out[case["name"]] = {"error": None}
             continue

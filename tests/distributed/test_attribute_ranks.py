@@ -31,7 +31,7 @@ CASES = [
     ("sample-gradient-each", {}, dict(data="sample", credit="gradient", steps="each",
                                       quadrature=GL), "rows"),
     ("sample-forward-all", {}, dict(data="sample", mode="forward", quadrature=GL), "tangents"),
-    ("label-gradient-partitions", {}, dict(data="label", credit="gradient", steps="each",
+    ("label-gradient-partitions", {"env": {"EXPLAIND_DIST_SPLIT": "partitions"}}, dict(data="label", credit="gradient", steps="each",
                                            output=0, params="tensor", quadrature=GL),
      "partitions"),
 ]
@@ -45,8 +45,8 @@ OTHER = [
     {"name": "fail-steps", "fail_rank": 0, "kw": dict(data="all", quadrature=GL)},
     {"name": "fail-rows", "fail_rank": 1, "kw": dict(data="label", credit="gradient",
                                                      quadrature=GL)},
-    {"name": "fail-partitions", "fail_rank": 1, "kw": dict(data="label", credit="gradient",
-                                                           output=0, quadrature=GL)},
+    {"name": "fail-partitions", "fail_rank": 1, "env": {"EXPLAIND_DIST_SPLIT": "partitions"},
+     "kw": dict(data="label", credit="gradient", output=0, quadrature=GL)},
     {"name": "bad-argument", "bad": True, "kw": dict(data="all", steps="nonsense")},
 ]
 TOL = 1e-12
