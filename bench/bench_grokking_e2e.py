@@ -1,6 +1,7 @@
 """End-to-end grokking decomposition: wall time, peak memory and the planner's choice per run.
 
-    python bench/bench_grokking_e2e.py --size cpu                 # CPU size (a few minutes)
+    python bench/bench_grokking_e2e.py --size cpu --max-steps 6   # the demo's default preset: the
+                                                                  # paper's size (every step here)
     python bench/bench_grokking_e2e.py --size full --device cuda  # the paper's size, on a GPU
     python bench/bench_grokking_e2e.py --size tiny                # smoke run (seconds)
 

@@ -1,8 +1,10 @@
 """Command line: ``python -m explaind_fast demo grokking|digits-cnn [--full|--tiny] [--out DIR] …``.
 
 Each demo trains a model while recording it, attributes it with explaind_fast.attribute and writes a
-report directory (report.md, CSV files, PNG figures). The default size runs on a CPU in minutes and
-says in its report that it is not the paper's size; ``--full`` is the paper's size (for a GPU).
+report directory (report.md, CSV files, PNG figures). The default size runs on a CPU in minutes
+(grokking: the paper's model, data and training to grokking, with θ stored every 25 steps and 8 test
+samples; its report says what it computed); ``--full`` attributes every step and all test samples
+(for a GPU); ``--tiny`` is a seconds-long smoke test.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("name", choices=["grokking", "digits-cnn"], help="which demo")
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true",
-                      help="the paper's size (grokking: p=113, 4000/2000 pairs, every step, all "
-                           "2000 test samples and logits); meant for a GPU")
+                      help="grokking: every step stored and attributed, all 2000 test samples and "
+                           "logits, Figures 4/5 (the default is already the paper's model and "
+                           "training); meant for a GPU")
     size.add_argument("--tiny", action="store_true", help="a seconds-long smoke test")
     demo.add_argument("--out", default=None,
                       help="report directory (default reports/<demo>[-full|-tiny])")
@@ -32,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training and attribution dtype (default float64)")
     demo.add_argument("--rules", default=None,
                       help="comma-separated quadrature rules of the Table 1 analogue "
-                           "(default: midpoint:10,midpoint:100,gauss-legendre:2,4,8,16,"
+                           "(grokking default: midpoint:10,midpoint:100,gauss-legendre:8,kinks:3; "
+                           "--full: midpoint:10,midpoint:100,gauss-legendre:2,4,8,16,"
                            "adaptive:1e-6,kinks:3)")
     demo.add_argument("--steps", type=int, default=None,
                       help="grokking: maximum training steps; digits-cnn: ignored")
@@ -40,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-samples", type=int, default=None,
                       help="test samples attributed (grokking; digits-cnn: Table 1 images)")
     demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch threads (default: torch's, the number of cores; with "
+                           "OMP_WAIT_POLICY=PASSIVE, which this command sets unless you did, 2 "
+                           "threads were as fast as 1 on the loaded 2-core CPU; see README)")
+    demo.add_argument("--checkpoint-every", type=int, default=None,
+                      help="grokking: store θ every k steps (default 25; 1 with --full/--tiny); "
+                           "k > 1 skips Figures 4/5 (they need every step)")
     demo.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     demo.add_argument("--train-only", action="store_true",
                       help="grokking: train and record only (accuracy curves, steps to grok)")
@@ -60,7 +71,17 @@ def _rules(text: Optional[str]):
     return tuple(out)
 
 
+def _passive_openmp() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user set a policy: OpenMP threads then sleep instead of
+    spinning at barriers, which on a shared or small CPU made 2 threads 2.1–2.3× slower than one
+    (bench/results/demo_grokking_cpu.md). OpenMP reads it once, when torch loads: only effective
+    when torch is not imported yet (``python -m explaind_fast``)."""
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _passive_openmp()
     args = build_parser().parse_args(argv)
     if args.command != "demo":               # pragma: no cover - argparse enforces it
         return 2
@@ -72,7 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demos import grokking
         cfg = grokking.PRESETS[size].with_overrides(
             dtype=args.dtype, rules=_rules(args.rules), max_steps=args.steps, p=args.p,
-            attr_test=args.test_samples, seed=args.seed)
+            attr_test=args.test_samples, seed=args.seed, threads=args.threads,
+            checkpoint_every=args.checkpoint_every)
+        if args.test_samples is not None:
+            cfg = cfg.with_overrides(table1_test=args.test_samples)
         if args.p is not None and args.p != grokking.PRESETS[size].p:
             total = cfg.p * (cfg.p + 1) // 2        # keep the preset's train/test proportions
             base = grokking.PRESETS[size]
@@ -85,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         demos.check_dependencies("matplotlib", "sklearn")
         from .demos import digits_cnn
+        if args.threads is not None:
+            import torch
+            torch.set_num_threads(args.threads)
         cfg = digits_cnn.PRESETS[size].with_overrides(
             dtype=args.dtype, rules=_rules(args.rules), attr_test=args.test_samples,
             seed=args.seed)

@@ -176,6 +176,21 @@ def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) ->
     return out.index_add_(0, groups.ids.to(phi.device), prod)
 
 
+def restrict_groups(groups: ParamGroups, a: int, b: int) -> ParamGroups:
+    """The groups of the coordinates [a, b) only (every group kept, possibly empty), for
+    :func:`segment_contract` of a coordinate slice: the slices' outputs sum to the whole's."""
+    if (a, b) == (0, groups.ids.shape[0]):
+        return groups
+    ids = groups.ids[a:b]
+    perm = None
+    if len(ids) > 1 and bool((ids[1:] < ids[:-1]).any()):
+        perm = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=groups.G)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    return ParamGroups(ids=ids, names=groups.names, perm=perm, offsets=offsets, keep=groups.keep,
+                       spec=groups.spec)
+
+
 # ------------------------------------------------------------------------------ one step, all rows
 def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
                  B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None,

@@ -8,17 +8,52 @@ booked at.
   row chunk of test samples × outputs (:class:`explaind_fast.optim.BackwardRecursion`), reverse mode,
   the batch gradients recomputed once per row chunk. Peak: b·2·m_c·K·D for the recursion.
 
-Both agree when the step axis is summed. Both write into an :class:`Accumulator`.
+Both agree when the step axis is summed. Both write into an :class:`Accumulator`. With per-sample
+data both take the batch gradients from :class:`BatchGradients` slab by slab (:func:`stream_moments`,
+:func:`stream_contract`): a batch never holds B·D per-sample gradient numbers when the planner's
+train budget is smaller (docs/design.md §10).
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
 from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_from_update
 from .accumulator import Accumulator
-from .contraction import forward_step, reverse_phi, reverse_step, row_chunks, segment_contract
+from .contraction import (forward_step, restrict_groups, reverse_phi, reverse_step, row_chunks,
+                          segment_contract)
 from .problem import Problem
-from .train_side import partition_gradients, subsampled_reg
+from .train_side import BatchGradients, subsampled_reg
+
+
+def stream_moments(bg: BatchGradients, moments: MomentRecursion, c, budget: int) -> torch.Tensor:
+    """E[p] = decay⊙E[p] + gain⊙G_s[p] (:meth:`MomentRecursion.step`) with the batch gradients
+    streamed slab by slab (:class:`BatchGradients`); returns Σ_p G_s[p]."""
+    E, ids, gain = moments.E, bg.present, c.gain
+    E.mul_(c.decay[None])
+
+    def consume(rows, cols, block):
+        E[:, cols].index_add_(0, ids[rows], block.mul_(gain[cols]))
+    return bg.stream(consume, budget)
+
+
+def stream_contract(bg: BatchGradients, H: torch.Tensor, gain: torch.Tensor, groups, budget: int,
+                    sub_groups: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """o[g, r, u] = Σ_{i∈g} H[r, i]·gain_i·G_s[present[u]]_i ([G, R, U], the segment contraction
+    of the gradient credit) with the batch gradients streamed slab by slab, each slab contracted
+    with H's columns as it arrives; returns (o, Σ_p G_s[p]). ``sub_groups`` caches the groups
+    restricted to each slab."""
+    sub_groups = {} if sub_groups is None else sub_groups
+    o = torch.zeros(groups.G, H.shape[0], len(bg.present), dtype=H.dtype, device=H.device)
+
+    def consume(rows, cols, block):
+        key = (cols.start, cols.stop)
+        if key not in sub_groups:
+            sub_groups[key] = restrict_groups(groups, *key)
+        o.index_add_(2, rows, segment_contract(H[:, cols], block.mul_(gain[cols]),
+                                               sub_groups[key]))
+    return o, bg.stream(consume, budget)
 
 
 def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
@@ -40,9 +75,9 @@ def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
             c = rule.coefficients(rec, **opts)
             r = reg.step_with(c, th)
         if pb.per_sample_data:
-            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
-            acc.identity.step(s, c, rec, th, delta, th_next, Gp.sum(0))
-            moments.step(c, Gp, present)
+            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            G_sum = stream_moments(bg, moments, c, pb.plan.train_budget)
+            acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
             moments.phi(c, out=B[:P])
         else:
             phi_all_from_update(delta, r, out=B[0])
@@ -70,6 +105,7 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
     traj, rule, G = pb.traj, pb.traj.rule, pb.G
     opts = dict(dtype=pb.dtype, device=pb.device)
     nodes_of = {}
+    sub_groups = {}                                     # coordinate slab -> its groups
     for idx, ks in row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk):
         first = not nodes_of
         recursion = BackwardRecursion()
@@ -89,10 +125,12 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
             acc.ev_jvp[s] += nodes.num_nodes * m * kc
             rows = phi.reshape(m * kc, -1)
             H, Hreg = recursion.step(c, rows)
-            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            o, G_sum = stream_contract(bg, H, c.gain, pb.groups, pb.plan.train_budget,
+                                       sub_groups)                        # [G, m*Kc, U]
             if first:
-                acc.identity.step(s, c, rec, th, delta, th + delta, Gp.sum(0), backward=True)
-            o = segment_contract(H, c.gain[None] * Gp, pb.groups)          # [G, m*Kc, U]
+                acc.identity.step(s, c, rec, th, delta, th + delta, G_sum, backward=True)
+            present = bg.present
             ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
             acc.add_gradient_step(s, present, idx, ks,
                                   o.reshape(G, m, kc, -1).permute(0, 3, 1, 2),  # [G, U, m, Kc]

@@ -230,6 +230,14 @@ def vmap_probe(tf: TestFunction, theta: torch.Tensor) -> str:
     return per_sample_text(tf.fm)
 
 
+def _first_batch(traj) -> int:
+    """The size of the first recorded batch (the planner's train-side hint; 0 when unknown)."""
+    if traj.num_steps == 0:
+        return 0
+    idx = traj.step(0).batch_indices
+    return 0 if idx is None else int(idx.numel())
+
+
 def per_sample_text(fm: FunctionalModel) -> str:
     return "vmap" if fm.vectorize else \
         f"loop over samples (vmap refused the model's data-dependent control flow: {fm.loop_reason})"
@@ -351,7 +359,8 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     plan = make_plan(D=D, M=M, K=K, G=G, P=P, Q=rule.expected_nodes, A=max(1, A // M),
                      itemsize=itemsize, mode=mode, credit=credit, budget=memory_budget,
                      data_all=not per_sample_data,
-                     fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS))
+                     fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS),
+                     numels=layout.numels, batch=_first_batch(traj) if per_sample_data else 0)
     plan.attention = _att.describe(seen.seen)
     plan.mode_reason = mode_reason
     plan.per_sample = per_sample

@@ -4,11 +4,16 @@ per data partition, and the regularisation term of subsampled trajectories.
 G_s[p] = Σ_{k∈B_s∩I_p} w_{s,k} ∇L_k(θ_s) (w includes the clip factor) feeds the optimizer's moment
 recursion (:class:`explaind_fast.optim.MomentRecursion`); for data="all" no gradient is recomputed
 (Φ_s[all] = −Δ_s − r_s, :func:`explaind_fast.optim.phi_all_from_update`).
+
+:class:`BatchGradients` streams G_s[p] to a consumer slab by slab (consecutive parameter tensors,
+:func:`explaind_fast.attribution.planner.gradient_slabs`) so that a batch never holds all its
+per-sample gradients at once; :func:`partition_gradients` is the unstreamed [U, D] form (the
+reference the streamed one is tested against).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Callable, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.func import grad
@@ -16,6 +21,7 @@ from torch.func import grad
 from ..model import FunctionalModel
 from ..model import inputs as _in
 from ..optim import RegRecursion, StepRecord
+from .planner import gradient_slabs, partition_rows
 
 
 class TrainSet:
@@ -103,6 +109,10 @@ def partition_gradients(fm: FunctionalModel, theta: torch.Tensor, train: TrainSe
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """G_s restricted to the partitions present in batch B_s: (present ids [U], grads [U, D]).
 
+    The unstreamed form of :class:`BatchGradients` (what the credit strategies ran before it; kept
+    as the reference of tests/attribution/test_train_side_streaming.py and
+    bench/bench_train_side.py).
+
     One backward of the partition-restricted weighted loss per partition, or one vmapped
     per-sample gradient pass when every batch sample is its own partition (a loop over the
     samples where vmap cannot run the model, :meth:`FunctionalModel.vmap`).
@@ -129,6 +139,100 @@ def partition_gradients(fm: FunctionalModel, theta: torch.Tensor, train: TrainSe
         sel = (inv == u)
         rows.append(torch.autograd.grad(losses[sel].sum(), th, retain_graph=u + 1 < len(present))[0])
     return present, torch.stack(rows)
+
+
+class BatchGradients:
+    """G_s[p] of the partitions present in batch B_s, handed to a consumer in pieces.
+
+    ``present`` [U] are the partition ids in the batch (sorted), as in :func:`partition_gradients`.
+    :meth:`stream` calls ``consume(rows, cols, block)`` with ``block`` [r, b − a] = G_s[present[rows]]
+    restricted to the coordinates ``cols`` = slice(a, b) (``rows``: int64 positions in ``present``;
+    the consumer may modify ``block`` in place, it is not used afterwards), and returns
+    Σ_p G_s[p] [D] (the batch gradient, for the step identity). Every (row, coordinate) is handed
+    over exactly once.
+
+    * Every batch sample its own partition (data="sample"): per-sample gradients by vmap over grad
+      (a loop where vmap cannot run the model, :meth:`FunctionalModel.vmap`), one *slab* of
+      consecutive parameter tensors at a time, differentiating with respect to that slab only
+      (the others are constants): peak ≈ 3·B·S numbers for the largest slab S instead of 3·B·D,
+      one forward and partial backward pass of the batch per slab. ``slabs`` None: chosen by
+      :func:`gradient_slabs` from ``budget`` (bytes; 0 = one slab, the whole θ).
+    * Partitions of several samples: one backward of the partition-restricted weighted loss per
+      partition, as many rows at a time as ``budget`` allows (:func:`partition_rows`).
+    """
+
+    def __init__(self, fm: FunctionalModel, theta: torch.Tensor, train: TrainSet,
+                 loss_fn: Callable, rec: StepRecord, part_ids: torch.Tensor):
+        self.fm, self.theta, self.loss_fn = fm, theta, loss_fn
+        self.idx = rec.batch_indices.to(theta.device)
+        self.w = rec.weights.to(device=theta.device, dtype=theta.dtype)
+        pid = part_ids.to(theta.device)[self.idx]
+        self.present, self.inv = torch.unique(pid, return_inverse=True)
+        self.X, self.Y = train.batch(self.idx)
+        #: the slabs of the last :meth:`stream` (coordinate ranges; [] for partition rows)
+        self.slabs: List[Tuple[int, int]] = []
+
+    @property
+    def per_sample(self) -> bool:
+        return len(self.present) == len(self.idx)
+
+    def stream(self, consume: Callable, budget: int = 0,
+               slabs: Optional[List[Tuple[int, int]]] = None) -> torch.Tensor:
+        th = self.theta
+        D = th.shape[0]
+        itemsize = th.element_size()
+        total = torch.zeros(D, dtype=th.dtype, device=th.device)
+        if self.per_sample:
+            lay = self.fm.layout
+            if slabs is None:
+                slabs = gradient_slabs(lay.numels, len(self.idx), itemsize, budget)
+            self.slabs = list(slabs)
+            for a, b in self.slabs:
+                g = self._slab_grads(a, b)
+                g = g.contiguous() if not g.is_contiguous() else g
+                g.mul_(self.w[:, None])
+                torch.sum(g, 0, out=total[a:b])
+                consume(self.inv, slice(a, b), g)
+            return total
+        self.slabs = []
+        th = th.detach().requires_grad_(True)
+        losses = self.loss_fn(self.fm(th, self.X), self.Y) * self.w
+        if losses.shape != (len(self.idx),):
+            raise ValueError(f"loss_fn must return per-sample losses of shape [{len(self.idx)}] "
+                             f"(reduction='none'), got {tuple(losses.shape)}")
+        U = len(self.present)
+        chunk = min(U, partition_rows(D, itemsize, budget))
+        for a in range(0, U, chunk):
+            rows = torch.empty(min(U, a + chunk) - a, D, dtype=th.dtype, device=th.device)
+            for i, u in enumerate(range(a, a + len(rows))):
+                rows[i] = torch.autograd.grad(losses[self.inv == u].sum(), th,
+                                              retain_graph=u + 1 < U)[0]
+            total += rows.sum(0)
+            consume(torch.arange(a, a + len(rows), device=th.device), slice(0, D), rows)
+        return total
+
+    def _slab_grads(self, a: int, b: int) -> torch.Tensor:
+        """Per-sample gradients of the (unweighted) losses restricted to θ[a:b] ([B, b − a]);
+        θ[a:b] must be a union of whole parameter tensors. Differentiates with respect to the
+        slab's tensors as separate inputs (a flat slab vector would cost one zero-filled
+        [B, b − a] per tensor in the backward of its slice) and concatenates their gradients."""
+        fm, loss_fn, lay = self.fm, self.loss_fn, self.fm.layout
+        off = lay.offsets
+        names = [nm for i, nm in enumerate(lay.names) if a <= off[i] and off[i + 1] <= b]
+        if sum(lay.numels[lay.index(nm)] for nm in names) != b - a:
+            raise ValueError(f"slab [{a}, {b}) does not consist of whole parameter tensors")
+        fixed = lay.unflatten(self.theta)
+        part = {nm: fixed[nm] for nm in names}
+
+        def one(part, x, y):
+            out = _in.select_output(fm.call_with(fm.params_from({**fixed, **part}),
+                                                 _in.unsqueeze(x)), fm.output)
+            return loss_fn(out, _in.unsqueeze(y)).sum()
+        g = fm.vmap(grad(one), (None, 0, 0))(part, self.X, self.Y)
+        B = len(self.idx)
+        if len(names) == 1:
+            return g[names[0]].reshape(B, -1)
+        return torch.cat([g[nm].reshape(B, -1) for nm in names], dim=1)
 
 
 def subsampled_reg(traj, s: int, reg: RegRecursion, dtype, device) -> torch.Tensor:

@@ -76,14 +76,16 @@ def train_recorded(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    max_steps: int, batch_size: Optional[int] = None, seed: int = 0,
                    stop: Optional[Callable[[Dict[str, float]], bool]] = None,
                    eval_every: int = 1, log: Callable[[str], None] = print,
-                   log_every: int = 100) -> TrainResult:
+                   log_every: int = 100, checkpoint_every: int = 1) -> TrainResult:
     """Train with mean cross-entropy while a TrajectoryRecorder writes every update to ``directory``.
 
     Mini-batches (``batch_size`` < len(train)) are seeded reshuffles per epoch; ``None`` is full
     batch. Before update s the model is evaluated at θ_s (test accuracy every ``eval_every`` steps;
     train loss/accuracy come from the training forward pass). ``stop(entry)`` is asked at every
     evaluated θ_s and ends the run there (the paper stops the transformer when test accuracy reaches
-    100%). Returns the model at θ_N, the loaded Trajectory and the history.
+    100%). ``checkpoint_every`` = k > 1 stores θ after every k-th update only (the recorder's
+    subsampled trajectories: exact for data="all" attributions of each stored k-step segment; no
+    per-sample data). Returns the model at θ_N, the loaded Trajectory and the history.
     """
     from explaind_fast import Trajectory, TrajectoryRecorder
 
@@ -94,7 +96,8 @@ def train_recorded(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     history: List[Dict[str, float]] = []
     order, pos = torch.arange(n), n
     t0 = time.perf_counter()
-    rec = TrajectoryRecorder(model, optimizer, directory, dataset_size=n, fsync=False)
+    rec = TrajectoryRecorder(model, optimizer, directory, checkpoint_every=checkpoint_every,
+                             dataset_size=n, fsync=False)
     try:
         for s in range(max_steps + 1):
             entry: Dict[str, float] = {"step": s}

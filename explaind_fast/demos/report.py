@@ -119,6 +119,7 @@ class ReportWriter:
         os.makedirs(out_dir, exist_ok=True)
         self.title = title
         self.header: List[str] = []
+        self.details: List[str] = []      # written after the runs table
         self.runs: List[Dict[str, object]] = []
         self.sections: List[str] = []
 
@@ -145,7 +146,7 @@ class ReportWriter:
             markdown_table(self.runs, ["run", "reconstruction_error", "max_step_residual",
                                        "max_step_residual_rel", "wall_s", "note"],
                            ["run", "reconstruction error", "max residual", "max residual (rel.)",
-                            "wall s", "note"]), ""]
+                            "wall s", "note"]), ""] + (self.details + [""] if self.details else [])
         text = "\n".join(lines) + "\n" + "\n".join(self.sections)
         path = os.path.join(self.out_dir, "report.md")
         with open(path, "w") as f:

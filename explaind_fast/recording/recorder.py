@@ -68,6 +68,26 @@ recorded; tested for all three optimizers on the CPU); capturable / differentiab
 * **Buffers** (BatchNorm running statistics, masks, counters): stored, so that ``attribute()``
   can evaluate a freshly built module with the trained buffers (``Trajectory.buffers()``; buffers
   of other dtypes than float/int/bool are not recorded).
+* **DistributedDataParallel** (:mod:`.ddp`). Every rank runs the same loop with its own recorder
+  (pass the DDP model or its module; detected when torch.distributed is initialised with more than
+  one rank, or pass ``distributed=True`` / ``process_group=``) and declares its *local* batch with
+  ``set_batch`` (e.g. the indices its DistributedSampler gave it). Rank 0 writes the trajectory; the
+  other ranks never touch the directory (the path they pass is not used). At every step the ranks
+  gather their batches (one ``all_gather_object``): the step's batch is their concatenation in rank
+  order, every weight divided by the world size W, because DDP averages the gradients over ranks —
+  1/(W·local batch) per sample for a mean loss, whatever each rank's local batch size; ``scale`` and
+  accumulation (micro-batches under ``no_sync``) work as in one process. A sample a
+  DistributedSampler repeats to pad the last batch is a separate entry with its own weight (an index
+  may occur twice in one step; the train side sums them). The gradient statistics are taken after
+  DDP's allreduce (at the end of backward), so clip factors, GradScaler and the other checks run on
+  every rank on the same averaged gradients; the ranks' θ, learning rates, weight decays and clip
+  factors must agree. A check failing on one rank raises on every rank at that step (the others name
+  the failing rank; an invalid ``set_batch`` is raised by the step too); a failure after the step
+  (rank 0's write) is raised on every rank at the next step (after the last step: by that rank's
+  ``close()``). Not supported: ranks running different numbers of steps
+  (``torch.distributed.algorithms.Join``), gradients averaged by hand instead of by DDP (the
+  gradient check sees the local gradients and refuses the step; with ``check_gradients=False`` it is
+  recorded), lossy communication hooks.
 
 Refused with an error saying why: other optimizer classes, amsgrad, maximize, nesterov, dampening
 ≠ 0, Adam with decoupled_weight_decay on a mixed basis, betas / eps / momentum changing mid-run,
@@ -123,6 +143,7 @@ from ..optim import RULES, check_group_settings, constant_hyper, optimizer_kind
 from ..store import (FORMAT_NAME, FORMAT_VERSION, INIT_FILE, LOCK_FILE, MANIFEST, BackgroundWriter,
                      Trajectory, TrajectoryWriter, read_log)
 from ..store.schema import BUFFER_DTYPES, BUFFER_PREFIX
+from .ddp import fingerprint, resolve
 
 _F64 = torch.float64
 
@@ -188,13 +209,24 @@ class TrajectoryRecorder:
         grad_scaler: the torch.amp.GradScaler of the run, if any (module docstring): its scale is
             the loss scale of every backward(), and its skipped steps drop their batches.
         record_buffers: store the model's buffers (default True).
+        distributed: None (default): a DistributedDataParallel run is detected (the model is a
+            DDP module, or torch.distributed is initialised with more than one rank): every rank
+            records, rank 0 writes (module docstring). True: require it. False: record this
+            process alone even though torch.distributed is initialised (ranks training separate
+            models, each into its own directory; refused for a DDP model).
+        process_group: the group the model's gradients are averaged over (default: the DDP
+            module's, else the default group).
+
+    Attributes: ``rank`` and ``world_size`` (0 and 1 in one process), ``writes`` (whether this
+    recorder writes the directory: rank 0 only).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str,
                  checkpoint_every: int = 1, *, dataset_size: Optional[int] = None,
                  store_first_moment: bool = False, resume: bool = False, fsync: bool = True,
                  check_gradients: bool = True, write_behind: bool = False,
-                 grad_scaler=None, record_buffers: bool = True):
+                 grad_scaler=None, record_buffers: bool = True,
+                 distributed: Optional[bool] = None, process_group=None):
         if int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every}")
         if dataset_size is not None and (int(dataset_size) != dataset_size or dataset_size < 1):
@@ -202,6 +234,12 @@ class TrajectoryRecorder:
         # a torch.compile'd module: record its plain module (names without "_orig_mod.", also
         # for compiled submodules: ParamLayout canonicalises every name)
         model = unwrap_compiled(model)
+        # DistributedDataParallel: record its module; every rank records, rank 0 writes (.ddp)
+        model, self._dist = resolve(model, distributed, process_group)
+        model = unwrap_compiled(model)
+        self.rank = 0 if self._dist is None else self._dist.rank
+        self.world_size = 1 if self._dist is None else self._dist.world_size
+        self.writes = self.rank == 0      # only rank 0 touches the directory
         self.model, self.optimizer = model, optimizer
         self.directory = str(directory)
         self.checkpoint_every = int(checkpoint_every)
@@ -224,7 +262,7 @@ class TrajectoryRecorder:
             dtype = torch.promote_types(dtype, p.dtype)
         self.dtype = dtype  # θ and moments are stored exactly in the widest parameter dtype
         self._buffers = self._model_buffers() if record_buffers else []
-        self._writer = TrajectoryWriter(self.directory, fsync=fsync)
+        self._writer = TrajectoryWriter(self.directory, fsync=fsync) if self.writes else None
         self.write_behind = bool(write_behind)
         self._background: Optional[BackgroundWriter] = None
         self.check_gradients = bool(check_gradients)
@@ -233,42 +271,31 @@ class TrajectoryRecorder:
         self._grad_stats: Dict[int, torch.Tensor] = {}   # stats of each gradient after backward
         self._backward_seen = False                  # any backward() since the last step
         self._window_reset = False                   # gradients discarded after backward()
+        self._stats_queued = False                   # DDP: end-of-backward statistics queued
         self._clip = 1.0
         self._pending: List[dict] = []        # raw steps of the current, unfinished interval
         self._step_state: Optional[dict] = None
         self._failed: Optional[str] = None
+        self._deferred: Optional[BaseException] = None   # DDP: a post-step error not yet raised
+        self._theta_fp = None                 # DDP: fingerprint of the last θ (ddp.fingerprint)
+        self._batch_error: Optional[BaseException] = None   # DDP: an invalid set_batch
+        self._last_buffers: Dict[str, torch.Tensor] = {}   # the buffers last stored (writer)
         self._closed = False
         self.skipped_steps = 0                # steps the GradScaler skipped (not recorded)
         self._scaler = None
         self._scaler_restore = None
 
         self._handles = []
-        # The exclusive writer lock, held until close() (or a failure): taken before looking at
-        # the directory, so that two recorders can never both create or resume it. A second
-        # recorder gets TrajectoryLockedError here.
-        self._writer.open()
         try:
-            if self._writer.exists(MANIFEST):
-                if not resume:
-                    raise FileExistsError(
-                        f"'{self.directory}' already holds a trajectory; pass resume=True to "
-                        "continue it (after restoring the matching model/optimizer checkpoint) or "
-                        "choose a new directory. It is never overwritten.")
-                self._resume()
+            if self._dist is None:
+                # The exclusive writer lock, held until close() (or a failure): taken before
+                # looking at the directory, so that two recorders can never both create or resume
+                # it. A second recorder gets TrajectoryLockedError here.
+                if self._open(resume):
+                    self._create()
             else:
-                # what a run killed while creating the trajectory leaves may be overwritten
-                debris = {INIT_FILE, INIT_FILE + ".tmp", MANIFEST + ".tmp", LOCK_FILE}
-                if set(self._writer.listdir()) - debris:
-                    raise FileExistsError(f"'{self.directory}' is not empty and holds no "
-                                          "trajectory; refusing to write into it")
-                self._check_fresh_optimizer()
-                self._last_theta = self._flat_theta()
-                self._last_buffers = {n: b.detach().clone() for n, b in self._buffers}
-                self._writer.create(self._manifest(), self._last_theta,
-                                    {BUFFER_PREFIX + n: b.detach().to("cpu")
-                                     for n, b in self._buffers})
-                self._num_stored, self._next_raw, self._count = 0, 0, 0
-            if self.write_behind:   # after create/resume, which write synchronously
+                self._open_distributed(resume)
+            if self.write_behind and self.writes:   # after create/resume, which write synchronously
                 self._background = BackgroundWriter(self._writer)
             self._handles = [optimizer.register_step_pre_hook(self._pre_hook),
                              optimizer.register_step_post_hook(self._post_hook)]
@@ -285,6 +312,91 @@ class TrajectoryRecorder:
             self._stop_writing(remove_if_unused=True)
             raise
 
+    def _open(self, resume: bool) -> bool:
+        """Take the writer lock and resume, or check that a new trajectory may be created here
+        (returns True: call _create)."""
+        self._writer.open()
+        if self._writer.exists(MANIFEST):
+            if not resume:
+                raise FileExistsError(
+                    f"'{self.directory}' already holds a trajectory; pass resume=True to "
+                    "continue it (after restoring the matching model/optimizer checkpoint) or "
+                    "choose a new directory. It is never overwritten.")
+            self._resume()
+            return False
+        # what a run killed while creating the trajectory leaves may be overwritten
+        debris = {INIT_FILE, INIT_FILE + ".tmp", MANIFEST + ".tmp", LOCK_FILE}
+        if set(self._writer.listdir()) - debris:
+            raise FileExistsError(f"'{self.directory}' is not empty and holds no "
+                                  "trajectory; refusing to write into it")
+        self._check_fresh_optimizer()
+        return True
+
+    def _create(self) -> None:
+        self._last_theta = self._flat_theta()
+        # the buffers last stored, to see which changed: only the writer stores them
+        self._last_buffers = {n: b.detach().clone() for n, b in self._buffers} if self.writes \
+            else {}
+        if self.writes:
+            self._writer.create(self._manifest(), self._last_theta,
+                                {BUFFER_PREFIX + n: b.detach().to("cpu")
+                                 for n, b in self._buffers})
+        self._num_stored, self._next_raw, self._count = 0, 0, 0
+
+    def _open_distributed(self, resume: bool) -> None:
+        """Rank 0 opens (or resumes) the directory, the other ranks never touch it; two gathers
+        tell every rank the outcome, so that a failure on any rank raises on all of them."""
+        dist = self._dist
+        err, new, state = None, None, None
+        fresh_error = None
+        try:
+            theta = self._flat_theta()
+            fp = fingerprint(theta)
+            try:
+                self._check_fresh_optimizer()
+            except ValueError as e:
+                fresh_error = str(e)
+            if self.writes:
+                new = self._open(resume)
+                if not new:
+                    state = {"n": self._num_stored, "next_raw": self._next_raw,
+                             "count": self._count, "dataset_size": self.dataset_size}
+        except Exception as e:
+            err, fp = e, None
+        got = dist.gather_checked(err, (new, state, fp, fresh_error),
+                                  "opening the trajectory")
+        new, state = got[0][0], got[0][1]
+        fps = [g[2] for g in got]
+        if any(f != fps[0] for f in fps):
+            bad = next(r for r, f in enumerate(fps) if f != fps[0])
+            raise RuntimeError(
+                f"the model's parameters differ between rank 0 and rank {bad}: construct the "
+                "recorder after wrapping the model in DistributedDataParallel (which copies rank "
+                "0's parameters to every rank), or pass distributed=False if the ranks train "
+                "separate models (each recording into its own directory)")
+        fresh = [g[3] for g in got]
+        if new and any(f is not None for f in fresh):
+            bad = next(r for r, f in enumerate(fresh) if f is not None)
+            raise ValueError(f"rank {bad}: {fresh[bad]}")
+        err = None
+        try:
+            if new:
+                self._create()
+            elif not self.writes:
+                self._last_theta = self._flat_theta()
+                self._num_stored, self._next_raw, self._count = \
+                    state["n"], state["next_raw"], state["count"]
+                if self.dataset_size is None:
+                    self.dataset_size = state["dataset_size"]
+                if self.dataset_size != state["dataset_size"]:
+                    raise ValueError(f"cannot resume '{self.directory}': dataset_size differs "
+                                     f"(trajectory: {state['dataset_size']}, now: "
+                                     f"{self.dataset_size})")
+        except Exception as e:
+            err = e
+        dist.gather_checked(err, None, "creating the trajectory")
+        self._theta_fp = fingerprint(self._last_theta)
+
     # ------------------------------------------------------------------ user API
     @property
     def num_steps(self) -> int:
@@ -297,7 +409,27 @@ class TrajectoryRecorder:
         weights [B] with gradient Σ_k w_k ∇L_k; default 1/B (a mean-reduced loss; for a sum pass
         ones). Every weight is multiplied by ``scale`` (e.g. 1/accum_steps for a loss divided by
         the number of micro-batches). Must be called before every step; calls before one step
-        accumulate (micro-batches: declare each, or the union once)."""
+        accumulate (micro-batches: declare each, or the union once).
+
+        Under DDP: this rank's samples (weights as for its own loss; the recorder divides by the
+        world size). An invalid declaration is raised by the next ``optimizer.step()``, on every
+        rank, instead of here (raising on one rank alone would leave the others waiting in
+        DDP's allreduce)."""
+        try:
+            idx, w = self._checked_batch(indices, weights, scale)
+        except (ValueError, TypeError) as e:
+            if self._dist is None:
+                raise
+            if self._batch_error is None:
+                self._batch_error = e
+            return
+        # zero_grad() after backward() without a step since: the gradients those batches were
+        # declared for were discarded (a skipped batch), so are the declarations
+        if self._backward_seen and all(p.grad is None for p in self._params):
+            self._drop_window()
+        self._batches.append((idx, w))
+
+    def _checked_batch(self, indices, weights, scale):
         idx = torch.as_tensor(indices)
         if idx.dim() != 1 or idx.numel() == 0:
             raise ValueError(f"set_batch: indices must be a non-empty 1-D sequence, got shape "
@@ -322,11 +454,7 @@ class TrajectoryRecorder:
             raise ValueError(f"set_batch: scale must be finite, got {scale}")
         if float(scale) != 1.0:
             w = w * float(scale)
-        # zero_grad() after backward() without a step since: the gradients those batches were
-        # declared for were discarded (a skipped batch), so are the declarations
-        if self._backward_seen and all(p.grad is None for p in self._params):
-            self._drop_window()
-        self._batches.append((idx, w))
+        return idx, w
 
     def discard_batch(self) -> None:
         """Forget what was declared and measured since the last recorded step: call it when your
@@ -367,7 +495,10 @@ class TrajectoryRecorder:
                     "torch.nn.utils.clip_grad_norm_ (a common scale of all gradients) instead")
 
     def close(self) -> None:
-        """Store the last, partial interval (k > 1) and detach from the optimizer."""
+        """Store the last, partial interval (k > 1) and detach from the optimizer. Under DDP no
+        collective runs here (a rank may close while another is stopped by an error): rank 0
+        writes, the other ranks only detach; an error of the last step not raised yet is raised
+        now."""
         if self._closed:
             return
         try:
@@ -383,7 +514,11 @@ class TrajectoryRecorder:
                 if self._background is not None:
                     self._background.close()   # waits for the queued steps; re-raises a failure
             finally:
-                self._writer.close()           # releases the writer lock
+                if self._writer is not None:
+                    self._writer.close()       # releases the writer lock
+        if self._deferred is not None:
+            e, self._deferred = self._deferred, None
+            raise e
 
     def _stop_writing(self, remove_if_unused: bool = False) -> None:
         """After a failure nothing more is written: let queued writes finish (a background error
@@ -396,7 +531,8 @@ class TrajectoryRecorder:
         except BaseException:
             pass
         finally:
-            self._writer.close(remove_if_unused=remove_if_unused)
+            if self._writer is not None:
+                self._writer.close(remove_if_unused=remove_if_unused)
 
     def flush(self) -> None:
         """With write_behind: wait until every recorded step is on disk (no-op otherwise)."""
@@ -475,9 +611,62 @@ class TrajectoryRecorder:
     def _pre_hook(self, optimizer, args, kwargs):
         if self._closed:
             return  # detached; the hooks are removed in close()
+        if self._dist is None:
+            self._pre_step(optimizer, args, kwargs)
+            return
+        err = None
+        try:
+            self._pre_step(optimizer, args, kwargs)
+        except Exception as e:
+            err = e
+            self._step_state = None
+        self._combine_ranks(err)
+
+    def _combine_ranks(self, err: Optional[BaseException]) -> None:
+        """DDP: gather every rank's declared batch, scalars, clip factor and θ fingerprint (and
+        the error its checks raised: then every rank raises); check that the ranks agree; make
+        the step's batch the union over ranks with every weight divided by the world size (DDP
+        averages the gradients over ranks)."""
+        st = self._step_state
+        payload = None if st is None else {
+            "indices": st["indices"].tolist(), "weights": st["weights"].tolist(),
+            "clip": st["clip"], "lr": st["lr"], "weight_decay": st["weight_decay"],
+            "skip": st["skip"], "theta": self._theta_fp}
+        got = self._dist.gather_checked(err, payload, "the recorder's checks before "
+                                        "optimizer.step()")
+        first = got[0]
+        for r, g in enumerate(got[1:], 1):
+            what = None
+            if g["theta"] != first["theta"]:
+                what = ("the parameters differ (they are not synchronised: is the model wrapped "
+                        "in DistributedDataParallel?)")
+            elif g["lr"] != first["lr"] or g["weight_decay"] != first["weight_decay"]:
+                what = (f"the learning rates / weight decays differ ({g['lr']}, "
+                        f"{g['weight_decay']} against rank 0's {first['lr']}, "
+                        f"{first['weight_decay']})")
+            elif g["skip"] != first["skip"]:
+                what = "one rank skips the step (found_inf) and another does not"
+            elif abs(g["clip"] - first["clip"]) > 1e-12 * abs(first["clip"]):
+                what = (f"the gradients were scaled by {g['clip']!r} on rank {r} and by "
+                        f"{first['clip']!r} on rank 0 (the gradients differ between ranks, or "
+                        "one rank clipped differently): the step has one gradient")
+            if what is not None:
+                self._step_state = None
+                raise RuntimeError(f"DDP recording: rank {r} disagrees with rank 0 at this "
+                                   f"optimizer step: {what}; the step cannot be recorded")
+        w_size = float(self.world_size)
+        st["indices"] = torch.tensor([i for g in got for i in g["indices"]], dtype=torch.int64)
+        st["weights"] = torch.tensor([w for g in got for w in g["weights"]], dtype=_F64) / w_size
+        st["clip"] = first["clip"]
+
+    def _pre_step(self, optimizer, args, kwargs):
         if self._failed is not None:
+            cause, self._deferred = self._deferred, None
             raise RuntimeError(f"the recorder stopped after an error and cannot record further "
-                               f"steps: {self._failed}")
+                               f"steps: {self._failed}") from cause
+        if self._batch_error is not None:     # DDP: an invalid set_batch, raised at the step
+            e, self._batch_error = self._batch_error, None
+            raise e
         if self._background is not None and self._background.error is not None:
             self._failed = f"a background write failed: {self._background.error!r}"
             self._stop_writing()
@@ -516,7 +705,9 @@ class TrajectoryRecorder:
         self._step_state = {
             "lr": [float(g["lr"]) for g in optimizer.param_groups],
             "weight_decay": [float(g["weight_decay"]) for g in optimizer.param_groups],
-            "active": active, "clip": factor, "skip": skip}
+            "active": active, "clip": factor, "skip": skip,
+            "indices": torch.cat([b[0] for b in self._batches]),
+            "weights": torch.cat([b[1] for b in self._batches])}
 
     def _post_hook(self, optimizer, args, kwargs):
         if self._closed:
@@ -530,7 +721,11 @@ class TrajectoryRecorder:
         except Exception as e:
             self._failed = f"{type(e).__name__}: {e}"
             self._stop_writing()
-            raise
+            if self._dist is None:
+                raise
+            # DDP: raised on every rank at the next step (or by this rank's close()); raising
+            # here alone would leave the other ranks waiting in the next step's collectives
+            self._deferred = e
 
     def _reset_hook(self, i, p):
         """Before a gradient accumulates into p.grad: p.grad None although backward() produced
@@ -542,23 +737,45 @@ class TrajectoryRecorder:
         return hook
 
     def _grad_hook(self, i):
+        if self._dist is not None:
+            return self._ddp_grad_hook
+
         def hook(p):
             self._grad_stats[i] = _grad_stats(p.grad)
             self._backward_seen = True
         return hook
 
+    def _ddp_grad_hook(self, p):
+        """DDP: when backward() accumulates a gradient it is this rank's own; DDP averages it
+        over the ranks at the end of backward (its reducer's final callback). The statistics are
+        taken after that: a callback queued at the end of backward (after DDP's, which is queued
+        while the hooks run) queues one more, which runs after every callback queued so far."""
+        self._backward_seen = True
+        if self._stats_queued:
+            return
+        self._stats_queued = True
+        engine = torch.autograd.Variable._execution_engine
+        engine.queue_callback(lambda: engine.queue_callback(self._end_of_backward))
+
+    def _end_of_backward(self):
+        self._stats_queued = False
+        for i, p in enumerate(self._params):
+            if p.grad is not None:
+                self._grad_stats[i] = _grad_stats(p.grad)
+
     def _drop_window(self) -> None:
         self._batches = []
+        self._batch_error = None
         self._grad_stats = {}
         self._backward_seen = False
         self._window_reset = False
+        self._stats_queued = False
         self._clip = 1.0
 
     def _record_step(self):
         theta = self._flat_theta()
         st = self._step_state
-        idx = torch.cat([b[0] for b in self._batches])
-        w = torch.cat([b[1] for b in self._batches])
+        idx, w = st["indices"], st["weights"]    # under DDP: of every rank (_combine_ranks)
         self._count += 1
         step_count = self._count
         inactive = [i for i in range(len(self._params)) if i not in set(st["active"])]
@@ -587,9 +804,12 @@ class TrajectoryRecorder:
             "raw": raw, "tensors": tensors, "store_m": store_m,
             # momentum-free SGD groups keep no buffer: compute torch's direction g + λθ_s now,
             # while θ_s (self._last_theta) and the gradient are at hand
-            "sgd_direction": self._sgd_direction(st) if store_m and not self._adam else None})
+            "sgd_direction": self._sgd_direction(st)
+            if store_m and not self._adam and self.writes else None})
         self._next_raw += 1
         self._last_theta = theta
+        if self._dist is not None:
+            self._theta_fp = fingerprint(theta)
         self._step_state = None
         self._drop_window()
         if len(self._pending) == self.checkpoint_every:
@@ -597,6 +817,10 @@ class TrajectoryRecorder:
 
     # ------------------------------------------------------------------ writing
     def _flush(self):
+        if not self.writes:            # DDP, ranks > 0: the same bookkeeping, nothing written
+            self._num_stored += 1
+            self._pending = []
+            return
         tensors = {"theta": self._last_theta}
         for item in self._pending:
             tensors.update(item["tensors"])

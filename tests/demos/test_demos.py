@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -173,8 +174,61 @@ def test_demo_smoke_tiny(tmp_path, capsys, demo, files):
     for r in exact:                       # the kink-splitting rule reconstructs exactly
         assert float(r["reconstruction_error"]) < 1e-10, r
     report = (out / "report.md").read_text()
-    assert report.splitlines()[2].startswith("**Size: tiny")
+    lines = report.splitlines()
+    assert lines[2].startswith("**Size: tiny")
     assert "Reconstruction error" in report
+    if demo == "grokking":
+        # first lines: the size, the wall time per phase, the exactness of the kink-aware runs,
+        # then the reconstruction-error table of every run
+        head = "\n".join(lines[:8])
+        assert "wall time" in head and "per phase: training + recording" in head, head
+        assert "Table 1" in head and "Figure 3a" in head and "Figures 4/5" in head, head
+        assert re.search(r"exactness: max reconstruction error of the \d+ kink-aware runs "
+                         r"[0-9.e+-]+ \(≤ 1e-09\)", head), head
+        table = lines.index("| run | reconstruction error | max residual | max residual (rel.) "
+                            "| wall s | note |")
+        assert table < lines.index("## Table 1 analogue: reconstruction of the final model")
+        for png in ("table1.png", "figure3a.png", "influence_windows.png",
+                    "similarity_decoder.png"):
+            assert f"]({png})" in report and (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        table1 = {r["rule"]: r for r in csv.DictReader(open(out / "table1.csv"))}
+        assert float(table1["kinks:4"]["max_abs_error"]) < 1e-9
+        assert float(table1["midpoint:10"]["max_abs_error"]) > 1e-6     # a fixed rule on ReLU
+        fig3 = list(csv.DictReader(open(out / "figure3a.csv")))
+        assert len(fig3) == 6 and fig3[0]["steps"] == "0:1"
+
+
+def test_grokking_tiny_subsampled_checkpoints(tmp_path):
+    """The default preset's path at tiny size: θ stored every k steps, data="all" views on the
+    stored segments (exact with the kink-aware rule, float32 training attributed in float64),
+    Figures 4/5 reported as not computed."""
+    from explaind_fast.demos import grokking
+    cfg = grokking.PRESETS["tiny"].with_overrides(checkpoint_every=2, eval_every=2, threads=1,
+                                                  rules=("midpoint:10", "kinks:4"),
+                                                  train_dtype="float32")
+    out = tmp_path / "sub"
+    summary = grokking.run(str(out), cfg, log=lambda s: None)
+    assert (summary["num_steps"], summary["num_raw_steps"]) == (3, 6)
+    assert set(summary["phases"]) == {"training + recording", "Table 1", "Figure 3a",
+                                      "plots, report, other"}
+    runs = {r["run"]: r for r in summary["attribution_runs"]}
+    assert runs["table1 kinks:4"]["reconstruction_error"] < 1e-9
+    assert runs["figure3a layers×windows kinks:2"]["reconstruction_error"] < 1e-9
+    fig3 = list(csv.DictReader(open(out / "figure3a.csv")))
+    assert [r["steps"] for r in fig3] == ["0:2", "2:4", "4:6"]
+    report = (out / "report.md").read_text()
+    assert "θ stored every 2 steps" in report and "Figures 4/5 analogue: not in this run" in report
+    assert "recorded in float32" in report and "attribution dtype float64" in report
+    assert not (out / "influence_windows.png").exists()
+
+
+def test_default_preset_is_the_papers_size():
+    from explaind_fast.demos import grokking
+    c = grokking.PRESETS["cpu"]
+    assert (c.p, c.n_train, c.n_test, c.d_model, c.n_heads, c.d_head, c.d_mlp, c.act) == \
+        (113, 4000, 2000, 64, 4, 16, 512, "relu")
+    assert (c.lr, c.betas, c.weight_decay, c.stop_at_test_acc) == (1e-3, (0.98, 0.99), 4.0, 1.0)
+    assert {"midpoint:10", "midpoint:100", "kinks:3"} <= set(c.rules)
 
 
 def test_full_presets_are_the_papers_settings():
