@@ -27,6 +27,7 @@ _EXPORTS = {
     "Attribution": "explaind_fast.attribution",
     "AttributionWarning": "explaind_fast.attribution",
     "CertificateError": "explaind_fast.attribution",
+    "DistributedAttributionError": "explaind_fast.attribution",
     "NodeSet": "explaind_fast.quadrature",
 }
 _SUBPACKAGES = ("model", "optim", "store", "recording", "quadrature", "attribution", "ops",

@@ -5,7 +5,8 @@ Owns, in pipeline order: problem preparation and input checks (:mod:`.problem`, 
 parsers of :mod:`.granularity` and the :mod:`.planner`), the train side of a step
 (:mod:`.train_side`), the per-step contractions in forward and reverse mode (:mod:`.contraction`),
 the two credit strategies (:mod:`.credit`), the accumulator that owns the result buffers and axis
-squeezing (:mod:`.accumulator`), the short orchestration :func:`attribute` (:mod:`.engine`) and
+squeezing (:mod:`.accumulator`), the split across torch.distributed ranks (:mod:`.distributed`), the short
+orchestration :func:`attribute` (:mod:`.engine`) and
 the result :class:`Attribution` (:mod:`.result`).
 
 May import: :mod:`explaind_fast.model`, :mod:`explaind_fast.optim`, :mod:`explaind_fast.quadrature`,
@@ -13,7 +14,9 @@ May import: :mod:`explaind_fast.model`, :mod:`explaind_fast.optim`, :mod:`explai
 read API), demos, testing.
 """
 from .certificate import AttributionWarning, CertificateError
+from .distributed import DistributedAttributionError
 from .engine import attribute
 from .result import Attribution
 
-__all__ = ["attribute", "Attribution", "AttributionWarning", "CertificateError"]
+__all__ = ["attribute", "Attribution", "AttributionWarning", "CertificateError",
+           "DistributedAttributionError"]

@@ -21,6 +21,13 @@ The train side (per-sample data) holds the per-sample gradients of one batch of 
 the largest slab's numbers (S = D when the whole θ fits: no streaming), within 1/TRAIN_SHARE of the
 budget unless a single tensor is larger; each extra slab costs one more forward and partial
 backward pass of the batch. Partitions of several samples hold U_c ≤ U gradient rows of D.
+
+Across W ranks (:mod:`.distributed`, docs/design.md §13) every rank gets this same plan and takes
+a share: "steps" (data="all", step-local rule) N/W updates each at the peak above; "rows" (reverse
+mode) the row chunks i ≡ r (mod W), same peak; "partitions" (gradient credit, gradients
+dominating) every row, the partitions p ≡ r (mod W), same peak; "tangents" (forward mode) ⌈G/W⌉·2 tangents
+(data="all") or the partitions p ≡ r (mod W), E → ⌈P/W⌉·D. Every rank also holds the full
+result buffers b·(S·G·(P+1)·M·K + N·M·K).
 """
 from __future__ import annotations
 
