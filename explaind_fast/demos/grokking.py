@@ -35,11 +35,10 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .common import ConfigOverrides, TABLE1_RULES, run_reconstruction_table, train_recorded
 from .data import modular_addition_data

@@ -4,7 +4,7 @@ Each function takes plain tensors/lists and writes one PNG; it returns the path.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import matplotlib
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
