@@ -56,14 +56,27 @@ def stream_contract(bg: BatchGradients, H: torch.Tensor, gain: torch.Tensor, gro
     return o, bg.stream(consume, budget)
 
 
-def update_credit(pb: Problem, acc: Accumulator, bar) -> None:
-    """Forward in time over the N stored updates; every θ is read from the store once."""
+def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = None) -> None:
+    """Forward in time over the N stored updates; every θ is read from the store once.
+
+    ``steps``: contract only this contiguous range of updates (data="all" only, the "steps" split
+    across ranks, :mod:`.distributed`): the regularisation recursion is advanced over the updates
+    before it, nothing else is computed for those."""
     traj, rule, P, D = pb.traj, pb.traj.rule, pb.P, pb.D
     opts = dict(dtype=pb.dtype, device=pb.device)
     moments = MomentRecursion(P, D, **opts) if pb.per_sample_data else None
     reg = RegRecursion(D, **opts)
-    th_next = pb.theta0
-    for s in range(pb.N):
+    first, stop = (0, pb.N) if steps is None else (steps.start, steps.stop)
+    if first and pb.per_sample_data:
+        raise ValueError("update_credit(steps=...) starts mid-run only for data='all' (the moment "
+                         "recursion of the partitions needs every earlier step)")
+    for s in range(first):                                   # R_s up to the range start
+        if traj.checkpoint_every != 1:
+            subsampled_reg(traj, s, reg, **opts)
+        else:
+            reg.step_with(rule.coefficients(traj.step(s), **opts), traj.theta(s, **opts))
+    th_next = traj.theta(first, **opts) if first else pb.theta0
+    for s in range(first, stop):
         th = th_next
         th_next = traj.theta(s + 1, **opts)
         delta = th_next - th

@@ -60,8 +60,9 @@ import torch
 
 from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_from_update
 from .accumulator import Accumulator
-from .contraction import (TANGENTS_PER_CALL, forward_contract, forward_step, reverse_phi,
-                          reverse_step, row_chunks, segment_contract)
+from .contraction import (TANGENTS_PER_CALL, forward_contract, reverse_phi, row_chunks,
+                          segment_contract)
+from .credit import update_credit
 from .train_side import partition_gradients, subsampled_reg
 
 #: quadrature rules whose nodes for step s depend on step s only (a step range may start anywhere)
@@ -344,42 +345,10 @@ def _owned_range(N: int, ctx: Context):
 
 # ---------------------------------------------------------------------------------- "steps"
 def _run_steps(ctx: Context, pb, acc: Accumulator, bar) -> None:
-    """data="all", update credit, step-local rule: the step range of this rank."""
-    traj, rule, P, D = pb.traj, pb.traj.rule, pb.P, pb.D
-    opts = dict(dtype=pb.dtype, device=pb.device)
+    """data="all", update credit, step-local rule: the step range of this rank (credit.py's
+    loop over that range; the regularisation recursion rebuilt up to its start)."""
     a, b = _owned_range(pb.N, ctx)
-    reg = RegRecursion(D, **opts)
-    for s in range(a):                                       # R_s up to the range start
-        if traj.checkpoint_every != 1:
-            subsampled_reg(traj, s, reg, **opts)
-        else:
-            reg.step_with(rule.coefficients(traj.step(s), **opts), traj.theta(s, **opts))
-    th_next = traj.theta(a, **opts) if a < b else None
-    for s in range(a, b):
-        th = th_next
-        th_next = traj.theta(s + 1, **opts)
-        delta = th_next - th
-        B = torch.empty(P + 1, D, **opts)
-        if traj.checkpoint_every != 1:
-            r = subsampled_reg(traj, s, reg, **opts)
-        else:
-            r = reg.step_with(rule.coefficients(traj.step(s), **opts), th)
-        phi_all_from_update(delta, r, out=B[0])
-        B[P] = r
-        nodes = acc.nodes(s, th, delta, deferred=True)
-        while nodes is not None:
-            if pb.plan.mode == "forward":
-                out, jd = forward_step(pb.tf, pb.groups, th, delta, nodes, B,
-                                       pb.plan.tangent_chunk, jd=acc.node_jd,
-                                       evals=pb.plan.eval_chunk)
-                acc.ev_jvp[s] += nodes.num_nodes * (pb.G * (P + 1) + 1)
-            else:
-                out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K)
-                acc.ev_jvp[s] += nodes.num_nodes * pb.M * pb.K
-            nodes = acc.refine(s, jd)
-        acc.add_update_step(s, out)
-        acc.certify(s, jd)
-        bar.update(1)
+    update_credit(pb, acc, bar, steps=range(a, b))
     owned = torch.zeros(pb.N, dtype=torch.bool)
     owned[a:b] = True
     _keep_counters(acc, owned)
