@@ -111,15 +111,22 @@ def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = N
         bar.update(1)
 
 
-def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
+def gradient_credit(pb: Problem, acc: Accumulator, bar, chunks=None,
+                    check_identity: bool = True) -> None:
     """Backward in time, one row chunk at a time: the contribution of partition p at gradient step
     i is −gain_i⊙G_i[p]·H_i, the regularisation −reg_gain_i⊙θ_i·Hreg_i. The quadrature nodes of
-    each step are found with the first row chunk and reused by the others."""
+    each step are found with the first row chunk and reused by the others.
+
+    ``chunks``: only these (test rows, outputs) chunks of :func:`row_chunks` (the "rows" split
+    across ranks, :mod:`.distributed`); ``check_identity``: run the step-identity check (with the
+    first chunk)."""
     traj, rule, G = pb.traj, pb.traj.rule, pb.G
     opts = dict(dtype=pb.dtype, device=pb.device)
     nodes_of = {}
     sub_groups = {}                                     # coordinate slab -> its groups
-    for idx, ks in row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk):
+    if chunks is None:
+        chunks = row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk)
+    for idx, ks in chunks:
         first = not nodes_of
         recursion = BackwardRecursion()
         th_next = traj.theta(pb.N, **opts)
@@ -141,7 +148,7 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar) -> None:
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
             o, G_sum = stream_contract(bg, H, c.gain, pb.groups, pb.plan.train_budget,
                                        sub_groups)                        # [G, m*Kc, U]
-            if first:
+            if first and check_identity:
                 acc.identity.step(s, c, rec, th, delta, th + delta, G_sum, backward=True)
             present = bg.present
             ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)

@@ -62,7 +62,7 @@ from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_fr
 from .accumulator import Accumulator
 from .contraction import (TANGENTS_PER_CALL, forward_contract, reverse_phi, row_chunks,
                           segment_contract)
-from .credit import update_credit
+from .credit import gradient_credit, update_credit
 from .train_side import partition_gradients, subsampled_reg
 
 #: quadrature rules whose nodes for step s depend on step s only (a step range may start anywhere)
@@ -427,47 +427,16 @@ def _rows_update(ctx: Context, pb, acc: Accumulator, bar, mine) -> None:
 
 
 def _rows_gradient(ctx: Context, pb, acc: Accumulator, bar, mine) -> None:
-    """Gradient credit: this rank's row chunks, each a backward pass over the steps (credit.py's
-    loop); rank 0 (which holds chunk 0) finds the nodes first and runs the identity check."""
-    traj, rule, G = pb.traj, pb.traj.rule, pb.G
-    opts = dict(dtype=pb.dtype, device=pb.device)
-    nodes_of = {}
-    rows_jvp = torch.zeros(pb.N, dtype=torch.int64)
-    for idx, ks in mine:
-        first = not nodes_of
-        recursion = BackwardRecursion()
-        th_next = traj.theta(pb.N, **opts)
-        for s in reversed(range(pb.N)):
-            th = traj.theta(s, **opts)
-            delta = th_next - th
-            th_next = th
-            rec = traj.step(s)
-            c = rule.coefficients(rec, **opts)
-            if s not in nodes_of:
-                nodes_of[s] = acc.nodes(s, th, delta)
-            nodes = nodes_of[s]
-            acc.ev_nodes[s] = nodes.num_nodes
-            phi = reverse_phi(pb.tf, th, delta, nodes, idx, pb.plan.pair_chunk, ks)
-            m, kc = phi.shape[:2]
-            rows_jvp[s] += nodes.num_nodes * m * kc
-            rows = phi.reshape(m * kc, -1)
-            H, Hreg = recursion.step(c, rows)
-            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
-            if first and ctx.rank == 0:
-                acc.identity.step(s, c, rec, th, delta, th + delta, Gp.sum(0), backward=True)
-            o = segment_contract(H, c.gain[None] * Gp, pb.groups)
-            ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
-            acc.add_gradient_step(s, present, idx, ks,
-                                  o.reshape(G, m, kc, -1).permute(0, 3, 1, 2),
-                                  ro.reshape(G, m, kc))
-            acc.certify(s, (rows @ delta).reshape(m, kc), idx, ks)
-            if first:
-                bar.update(1)
+    """Gradient credit: credit.py's loop over this rank's row chunks; rank 0 (which holds chunk 0)
+    runs the identity check and keeps the node search's counters, every rank its rows' count."""
+    gradient_credit(pb, acc, bar, chunks=mine, check_identity=ctx.rank == 0)
     if ctx.rank != 0:       # node search, forward passes and the step change: rank 0's
+        rows = sum(len(torch.arange(pb.M)[idx]) * len(range(pb.K)[ks]) for idx, ks in mine)
+        nodes = acc.ev_nodes.clone()
         for t in (acc.ev_nodes, acc.ev_jvp, acc.ev_fwd, acc.ev_cap):
             t.zero_()
         acc.change.zero_()
-    acc.ev_jvp += rows_jvp                  # Jacobian rows: each rank its chunks'
+        acc.ev_jvp += nodes * rows          # Jacobian rows: num_nodes[s] per row of its chunks
 
 
 # ---------------------------------------------------------------------------------- "partitions"
