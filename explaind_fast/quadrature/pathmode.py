@@ -364,7 +364,7 @@ class PathFunction:
         """h(f(θ + tΔ, inputs), tg) with the affine ops split along the segment (``inputs``: one
         input pytree, called by the convention of :mod:`explaind_fast.model.inputs`; the output
         tensor selected by ``fm.output``)."""
-        ps = self.layout.unflatten(theta)
+        ps = theta if isinstance(theta, dict) else self.layout.unflatten(theta)
         delta_of = {id(ps[k]): self.dparams[k] for k in ps} if along_path else None
         pats = None
         if mu is not None:
@@ -429,6 +429,19 @@ class PathFunction:
             return jacrev(lambda th: self._single(th, t1, x1, y1, m1)[ks])(self.theta_s)
         return self._vmap_rows(one, tg, mu)(tt, x, tg, mu)
 
+    def jacobian_rows_by_tensor(self, sample: torch.Tensor, t: torch.Tensor, ks=slice(None),
+                                mu=None):
+        """The same Jacobians per parameter tensor, {name: [R, K_c, *shape]} (layout order):
+        one copy of R·K_c·D numbers, where the flat [R, K_c, D] Jacobian costs four (the
+        backward of each tensor's view of the flat θ allocates a full-length gradient)."""
+        x, tg = self._rows_args(sample)
+        tt = t.to(self.theta_s)
+        ps = self.layout.unflatten(self.theta_s)
+
+        def one(t1, x1, y1, m1):
+            return jacrev(lambda p: self._single(p, t1, x1, y1, m1)[ks])(ps)
+        return self._vmap_rows(one, tg, mu)(tt, x, tg, mu)
+
     # ------------------------------------------------------------------ shared nodes
     def jvp_shared(self, t: torch.Tensor, idx, tangents: torch.Tensor, mu=None, split=None):
         """J(θ_s + t_q Δ_s; X[idx])·v for shared nodes t [q], the samples batched: [T, q, m, K].
@@ -474,8 +487,7 @@ class PathFunction:
         m = min(2, self.M)
         idx = slice(0, m)
         t = torch.tensor([0.3, 0.7], dtype=self.theta_s.dtype)
-        v = torch.randn(1, self.theta_s.shape[0], generator=gen,
-                        dtype=torch.float64).to(self.theta_s)
+        v = torch.randn(1, self.theta_s.shape[0], generator=gen, dtype=self.theta_s.dtype)
         mu = None
         if self.patterns is not None:
             U = sum(size for _, size, _ in self.patterns.blocks)
