@@ -29,13 +29,17 @@ class RegRecursion:
         self.R = torch.zeros(D, dtype=dtype, device=device)
 
     def step(self, reg_decay: torch.Tensor, reg_gain: torch.Tensor, reg_scale: torch.Tensor,
-             theta_s: torch.Tensor) -> torch.Tensor:
-        """Advance with one step's reg coefficients (see ``StepCoefficients``); return r_s."""
-        self.R = reg_decay * self.R + reg_gain * theta_s
-        return reg_scale * self.R
+             theta_s: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Advance with one step's reg coefficients (see ``StepCoefficients``); return r_s
+        (written into ``out`` when given). R is updated in place (same rounding as
+        reg_decay⊙R + reg_gain⊙θ_s: one D-vector less at the peak)."""
+        torch.mul(reg_decay, self.R, out=self.R)
+        self.R.add_(reg_gain * theta_s)
+        return torch.mul(reg_scale, self.R, out=out)
 
-    def step_with(self, c: StepCoefficients, theta_s: torch.Tensor) -> torch.Tensor:
-        return self.step(c.reg_decay, c.reg_gain, c.reg_scale, theta_s)
+    def step_with(self, c: StepCoefficients, theta_s: torch.Tensor,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.step(c.reg_decay, c.reg_gain, c.reg_scale, theta_s, out=out)
 
 
 class MomentRecursion:
@@ -71,9 +75,9 @@ class BackwardRecursion:
         Hreg_i)."""
         if self.H is None:
             self.H, self.Hreg = c.scale * rows, c.reg_scale * rows
-        else:
-            self.H = c.scale * rows + self._decay * self.H
-            self.Hreg = c.reg_scale * rows + self._reg_decay * self.Hreg
+        else:           # in place: no [rows, D] temporaries (H is the caller's until next step)
+            self.H.mul_(self._decay).addcmul_(c.scale, rows)
+            self.Hreg.mul_(self._reg_decay).addcmul_(c.reg_scale, rows)
         self._decay, self._reg_decay = c.decay, c.reg_decay
         return self.H, self.Hreg
 
@@ -82,7 +86,7 @@ def phi_all_from_update(delta: torch.Tensor, r: torch.Tensor,
                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Σ_p Φ_s[p] = −Δ_s − r_s (the step identity solved for the train side: data="all" needs no
     gradient)."""
-    return torch.sub(-delta, r, out=out)
+    return torch.add(delta, r, out=out).neg_()       # = (−Δ_s) − r_s exactly, no −Δ_s temporary
 
 
 def _inactive_fill(c: StepCoefficients, value: torch.Tensor, fill) -> torch.Tensor:

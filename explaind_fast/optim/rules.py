@@ -115,7 +115,21 @@ class OptimizerRule:
         self.hyper = hyper
 
     def _vec(self, values: Sequence[float], dtype, device) -> torch.Tensor:
-        return self.layout.expand(values, dtype=dtype, device=device)
+        return self._spread(self._per_group(values, dtype, device))
+
+    def _per_group(self, values: Sequence[float], dtype, device) -> torch.Tensor:
+        """One number per optimizer param group, [n_groups] (arithmetic on these is bit-identical
+        to the same arithmetic on their [D] spread)."""
+        return torch.tensor([float(v) for v in values], dtype=dtype, device=device)
+
+    def _spread(self, per_group: torch.Tensor) -> torch.Tensor:
+        """Per-coordinate [D] vector of per-group values: a read-only broadcast view (no memory)
+        when every group has the same value, else a [D] tensor."""
+        if bool((per_group == per_group[0]).all()):
+            return per_group[:1].expand(self.layout.D)
+        values = per_group[list(self.layout.group_of_tensor)]
+        return torch.repeat_interleave(values, torch.tensor(self.layout.numels,
+                                                            device=per_group.device))
 
     def active_mask(self, rec: StepRecord, device=None) -> Optional[torch.Tensor]:
         """bool [D]: False on the coordinates of the tensors inactive at this step (None: all
@@ -202,19 +216,25 @@ class AdamWRule(OptimizerRule):
 
     def coefficients(self, rec, dtype=torch.float64, device=None):
         b1, scale = self._adam_scale(rec, dtype, device)
-        lr = self._vec(rec.lr, dtype, device)
-        wd = self._vec(rec.weight_decay, dtype, device)
-        c = StepCoefficients(decay=b1, gain=1 - b1, scale=scale, reg_decay=torch.zeros_like(lr),
-                             reg_gain=torch.ones_like(lr), reg_scale=lr * wd)
+        reg_decay, reg_gain, reg_scale = self._decoupled(rec, dtype, device)
+        b1g = self._per_group([h["betas"][0] for h in self.hyper], dtype, device)
+        c = StepCoefficients(decay=b1, gain=self._spread(1 - b1g), scale=scale,
+                             reg_decay=reg_decay, reg_gain=reg_gain, reg_scale=reg_scale)
         return self._masked(c, self.active_mask(rec, device), reg_decay_inactive=0.0)
 
+    def _decoupled(self, rec, dtype, device):
+        """(reg_decay 0, reg_gain 1, reg_scale lr·λ) per coordinate (broadcast views when
+        uniform)."""
+        lr = self._per_group(rec.lr, dtype, device)
+        wd = self._per_group(rec.weight_decay, dtype, device)
+        return (self._spread(torch.zeros_like(lr)), self._spread(torch.ones_like(lr)),
+                self._spread(lr * wd))
+
     def reg_coefficients(self, rec, dtype=torch.float64, device=None):
-        lr = self._vec(rec.lr, dtype, device)
-        wd = self._vec(rec.weight_decay, dtype, device)
-        reg_decay, reg_gain, reg_scale = torch.zeros_like(lr), torch.ones_like(lr), lr * wd
+        reg_decay, reg_gain, reg_scale = self._decoupled(rec, dtype, device)
         active = self.active_mask(rec, device)
         if active is not None:
-            zero = torch.zeros_like(lr)
+            zero = torch.zeros_like(reg_scale)
             reg_gain = torch.where(active, reg_gain, zero)
             reg_scale = torch.where(active, reg_scale, zero)
         return reg_decay, reg_gain, reg_scale
@@ -239,9 +259,10 @@ class AdamL2Rule(AdamWRule):
 
     def coefficients(self, rec, dtype=torch.float64, device=None):
         b1, scale = self._adam_scale(rec, dtype, device)
-        wd = self._vec(rec.weight_decay, dtype, device)
-        c = StepCoefficients(decay=b1, gain=1 - b1, scale=scale,
-                             reg_decay=b1, reg_gain=(1 - b1) * wd, reg_scale=scale)
+        b1g = self._per_group([h["betas"][0] for h in self.hyper], dtype, device)
+        wd = self._per_group(rec.weight_decay, dtype, device)
+        c = StepCoefficients(decay=b1, gain=self._spread(1 - b1g), scale=scale,
+                             reg_decay=b1, reg_gain=self._spread((1 - b1g) * wd), reg_scale=scale)
         return self._masked(c, self.active_mask(rec, device))
 
 
@@ -253,9 +274,10 @@ class SGDMomentumRule(OptimizerRule):
 
     def coefficients(self, rec, dtype=torch.float64, device=None):
         mu = self._vec([h.get("momentum", 0.0) for h in self.hyper], dtype, device)
-        lr = self._vec(rec.lr, dtype, device)
+        lr = self._per_group(rec.lr, dtype, device)
         wd = self._vec(rec.weight_decay, dtype, device)
-        c = StepCoefficients(decay=mu, gain=torch.ones_like(lr), scale=lr,
+        gain, lr = self._spread(torch.ones_like(lr)), self._spread(lr)
+        c = StepCoefficients(decay=mu, gain=gain, scale=lr,
                              reg_decay=mu, reg_gain=wd, reg_scale=lr)
         return self._masked(c, self.active_mask(rec, device))
 

@@ -460,7 +460,13 @@ class Trajectory:
         """θ_s as a flat [D] tensor (storage dtype unless ``dtype``), s in 0..num_steps."""
         s = self._check_index(s, self.num_steps + 1, "state")
         t = self._read(None if s == 0 else s - 1, ["theta"])["theta"]
-        return t.to(dtype=dtype or t.dtype, device=device)
+        t = t.to(dtype=dtype or t.dtype, device=device)
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            # a view into the step file's mapping: copy, so that θ owns its memory (the mapping,
+            # header and other tensors included, is released now instead of living as long as θ,
+            # and forward AD does not size θ's tangents by the file's storage)
+            t = t.clone()
+        return t
 
     def raw_steps(self, s: int) -> List[StepRecord]:
         """The raw optimizer steps inside stored update s: scalars and batches, no tensors of size
