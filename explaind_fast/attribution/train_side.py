@@ -21,7 +21,7 @@ from torch.func import grad
 from ..model import FunctionalModel
 from ..model import inputs as _in
 from ..optim import RegRecursion, StepRecord
-from .planner import gradient_slabs, partition_rows
+from .planner import SLAB_COPIES, gradient_slabs, partition_rows
 
 
 class TrainSet:
@@ -155,7 +155,9 @@ class BatchGradients:
       (a loop where vmap cannot run the model, :meth:`FunctionalModel.vmap`), one *slab* of
       consecutive parameter tensors at a time, differentiating with respect to that slab only
       (the others are constants): peak ≈ 3·B·S numbers for the largest slab S instead of 3·B·D,
-      one forward and partial backward pass of the batch per slab. ``slabs`` None: chosen by
+      one forward and partial backward pass of the batch per slab; when even one tensor's
+      gradients of the whole batch exceed ``budget``, the batch's samples are taken a few at a
+      time (3·n·S ≤ budget, n ≥ 1). ``slabs`` None: chosen by
       :func:`gradient_slabs` from ``budget`` (bytes; 0 = one slab, the whole θ).
     * Partitions of several samples: one backward of the partition-restricted weighted loss per
       partition, as many rows at a time as ``budget`` allows (:func:`partition_rows`).
@@ -187,12 +189,23 @@ class BatchGradients:
             if slabs is None:
                 slabs = gradient_slabs(lay.numels, len(self.idx), itemsize, budget)
             self.slabs = list(slabs)
+            B = len(self.idx)
             for a, b in self.slabs:
-                g = self._slab_grads(a, b)
-                g = g.contiguous() if not g.is_contiguous() else g
-                g.mul_(self.w[:, None])
-                torch.sum(g, 0, out=total[a:b])
-                consume(self.inv, slice(a, b), g)
+                # samples per pass: all of them unless even this slab's gradients of the whole
+                # batch exceed the budget (a slab is at least one tensor)
+                n = B if budget <= 0 else \
+                    max(1, min(B, budget // (SLAB_COPIES * itemsize * max(b - a, 1))))
+                for i in range(0, B, n):
+                    sl = slice(i, min(B, i + n))
+                    g = self._slab_grads(a, b, sl)
+                    g = g.contiguous() if not g.is_contiguous() else g
+                    g.mul_(self.w[sl, None])
+                    if n == B:
+                        torch.sum(g, 0, out=total[a:b])
+                    else:
+                        total[a:b] += g.sum(0)
+                    consume(self.inv[sl], slice(a, b), g)
+                    del g
             return total
         self.slabs = []
         th = th.detach().requires_grad_(True)
@@ -211,8 +224,9 @@ class BatchGradients:
             consume(torch.arange(a, a + len(rows), device=th.device), slice(0, D), rows)
         return total
 
-    def _slab_grads(self, a: int, b: int) -> torch.Tensor:
-        """Per-sample gradients of the (unweighted) losses restricted to θ[a:b] ([B, b − a]);
+    def _slab_grads(self, a: int, b: int, samples: slice = slice(None)) -> torch.Tensor:
+        """Per-sample gradients of the (unweighted) losses of the batch's ``samples`` restricted
+        to θ[a:b] ([n, b − a]);
         θ[a:b] must be a union of whole parameter tensors. Differentiates with respect to the
         slab's tensors as separate inputs (a flat slab vector would cost one zero-filled
         [B, b − a] per tensor in the backward of its slice) and concatenates their gradients."""
@@ -228,8 +242,9 @@ class BatchGradients:
             out = _in.select_output(fm.call_with(fm.params_from({**fixed, **part}),
                                                  _in.unsqueeze(x)), fm.output)
             return loss_fn(out, _in.unsqueeze(y)).sum()
-        g = fm.vmap(grad(one), (None, 0, 0))(part, self.X, self.Y)
-        B = len(self.idx)
+        X, Y = _in.take(self.X, samples), _in.take(self.Y, samples)
+        g = fm.vmap(grad(one), (None, 0, 0))(part, X, Y)
+        B = len(range(*samples.indices(len(self.idx))))
         if len(names) == 1:
             return g[names[0]].reshape(B, -1)
         return torch.cat([g[nm].reshape(B, -1) for nm in names], dim=1)

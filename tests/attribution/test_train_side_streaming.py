@@ -123,8 +123,8 @@ def test_stream_equals_unstreamed_gradients(run, data):
             _close(total, Gp.sum(0))
             if data == "sample" and "slabs" in kw:
                 assert [(a, b) for a, b, _ in seen] == kw["slabs"]
-            if data == "label" and kw.get("budget") == 1:
-                assert all(shape[0] == 1 for _, _, shape in seen)     # one partition row at a time
+            if kw.get("budget") == 1:        # one partition row / one sample per pass at a time
+                assert all(shape[0] == 1 for _, _, shape in seen)
     if isinstance(run[0], Branchy) and data == "sample":
         assert not fm.vectorize and fm.loop_reason          # the loop fallback did run
 
