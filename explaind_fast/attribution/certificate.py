@@ -205,7 +205,8 @@ class IdentityCheck:
     skipped tensor alone). Forward, the last active moment per coordinate is carried along.
     Backward, each coordinate waits for the moment of its previous active step: its partial
     defect (base, coef, step) is kept until an earlier step where it is active supplies m (or the
-    run's start, m = 0). Memory: 2 D-vectors (forward) or 3 (backward).
+    run's start, m = 0). Memory: 2 D-vectors (forward) or 2 (backward; 3 once some tensor skipped a
+    step: a per-coordinate step map).
     """
 
     def __init__(self, rule, N: int, dtype: torch.dtype, store_dtype: torch.dtype):
@@ -244,6 +245,25 @@ class IdentityCheck:
 
     def _backward(self, s, c, m, theta_s, G_sum) -> None:
         base, coef = identity_defect_parts(self.rule, c, G_sum, m, theta_s)
+        if c.active is None and (self._wait is None or isinstance(self._wait[2], int)):
+            # every coordinate active here and waiting for the same step (the common case): the
+            # whole waiting defect resolves with m, in place, no [D] step map (memory: the
+            # waiting base and coef, 2 D-vectors, instead of 3 and the masks)
+            if self._wait is not None:
+                wbase, wcoef, wstep = self._wait
+                den = torch.where(c.scale == 0, torch.ones_like(c.scale), c.scale)
+                kappa = (wcoef / den).abs_().max().to("cpu", torch.float64)
+                del den
+                rho = wcoef.mul_(m).add_(wbase).abs_().max().to("cpu", torch.float64)
+                self._err[wstep] = torch.maximum(self._err[wstep], rho)
+                self._kappa[wstep] = torch.maximum(self._kappa[wstep], kappa)
+                del wbase, wcoef
+            self._wait = (base, coef, s)
+            return
+        if self._wait is not None and isinstance(self._wait[2], int):     # to a per-coordinate map
+            wbase, wcoef, wstep = self._wait
+            self._wait = (wbase, wcoef, torch.full(wbase.shape, wstep, dtype=torch.int64,
+                                                   device=wbase.device))
         active = c.active if c.active is not None else torch.ones_like(base, dtype=torch.bool)
         if self._wait is not None:
             wbase, wcoef, wstep = self._wait
@@ -275,6 +295,15 @@ class IdentityCheck:
         if self._closed:
             return
         self._closed = True
+        if self._wait is not None and isinstance(self._wait[2], int):
+            wbase, _, wstep = self._wait
+            if wbase.numel():
+                self._err[wstep] = torch.maximum(self._err[wstep],
+                                                 wbase.abs().max().to("cpu", torch.float64))
+            self._wait = None
+            for s in sorted(self._sizes):
+                self._finish(s)
+            return
         if self._wait is not None:      # coordinates whose first active step is the run's first
             wbase, _, wstep = self._wait
             sel = wstep >= 0
