@@ -101,9 +101,10 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
     """φ_s rows of test samples idx, outputs ks: Σ_q w_q J(θ(t_q)) as [m, K_c, D].
 
     The (sample, node) pairs with a non-zero weight are evaluated max_pairs at a time in one
-    vmap(jacrev) call at θ_s + tΔ_s with shared weights (no per-pair parameter vectors;
-    memory ≈ max_pairs·K·(D + A) numbers for the Jacobians) and summed into their samples in
-    place."""
+    vmap(jacrev) call at θ_s + tΔ_s with shared weights (no per-pair parameter vectors), one
+    Jacobian per parameter tensor (:meth:`PathFunction.jacobian_rows_by_tensor`), each summed
+    into its samples' slice of φ in place, pair by pair. Memory ≈ itemsize·(m·K_c·D +
+    max_pairs·K_c·(D + A)) (φ, the pairs' Jacobians and their activations)."""
     gid = _sample_ids(tf.M, idx)
     m = len(gid)
     if nodes.per_sample:
@@ -117,22 +118,28 @@ def reverse_phi(tf: TestFunction, theta_s, delta, nodes: NodeSet, idx, max_pairs
     if nodes.patterns is not None:
         mu_all = nodes.patterns.mu[:, idx].to(theta_s)                 # [Q, m, U]
     pf = PathFunction.of(tf, theta_s, delta, nodes.patterns)
+    offsets = pf.layout.offsets
     phi = None
     step = max(1, max_pairs)
     for a in range(0, len(local), step):
         si, qi = local[a:a + step], q[a:a + step]
         mu = None if mu_all is None else mu_all[qi, si]
-        J = pf.jacobian_rows(gid[si], t[a:a + step], ks, mu)          # [c, K, D]
-        J = J.contiguous()                        # (vmap may return an expanded Jacobian)
-        J.mul_(w[a:a + step, None, None])         # in place: J is fresh, c·K·D numbers
+        Js = pf.jacobian_rows_by_tensor(gid[si], t[a:a + step], ks, mu)   # {name: [c, Kc, ...]}
+        c = len(si)
         if phi is None:
-            phi = torch.zeros((m,) + J.shape[1:], dtype=J.dtype, device=J.device)
-        if J.device.type == "cpu" and bool(torch.isfinite(J).all()):
-            # sum the pairs into their samples with a one-hot matmul (index_add_ is slow on CPU)
-            onehot = (torch.arange(m)[:, None] == si[None, :]).to(device=J.device, dtype=J.dtype)
-            phi.view(m, -1).addmm_(onehot, J.reshape(J.shape[0], -1))
-        else:   # (on CPU: 0·NaN in the matmul would spread a sample's NaN/inf to all samples)
-            phi.index_add_(0, si.to(J.device), J)
+            kc = next(iter(Js.values())).shape[1]
+            phi = torch.zeros(m, kc, theta_s.shape[0], dtype=theta_s.dtype,
+                              device=theta_s.device)
+        wc = w[a:a + step].tolist()
+        rows = si.tolist()
+        for i, J in enumerate(Js.values()):
+            # pair by pair, in place into the sample's slice of φ: no copy of the (possibly
+            # non-contiguous) vmap output and no [m, K_c, n] product; the weight rides as alpha,
+            # and a non-finite Jacobian stays in its own sample
+            part = phi[:, :, offsets[i]:offsets[i + 1]]
+            for r in range(c):
+                part[rows[r]].view(J.shape[1:]).add_(J[r], alpha=wc[r])
+        del Js
     if phi is None:
         K = tf.values(theta_s, idx)[:, ks].shape[-1]
         phi = torch.zeros(m, K, theta_s.shape[0], dtype=theta_s.dtype, device=theta_s.device)
@@ -179,7 +186,7 @@ def segment_contract(phi: torch.Tensor, B: torch.Tensor, groups: ParamGroups) ->
 def restrict_groups(groups: ParamGroups, a: int, b: int) -> ParamGroups:
     """The groups of the coordinates [a, b) only (every group kept, possibly empty), for
     :func:`segment_contract` of a coordinate slice: the slices' outputs sum to the whole's."""
-    if (a, b) == (0, groups.ids.shape[0]):
+    if (a, b) == (0, int(groups.offsets[-1])):
         return groups
     ids = groups.ids[a:b]
     perm = None
@@ -187,25 +194,34 @@ def restrict_groups(groups: ParamGroups, a: int, b: int) -> ParamGroups:
         perm = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids, minlength=groups.G)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
-    return ParamGroups(ids=ids, names=groups.names, perm=perm, offsets=offsets, keep=groups.keep,
-                       spec=groups.spec)
+    return ParamGroups(stored_ids=None if perm is None else ids, names=groups.names, perm=perm,
+                       offsets=offsets, keep=groups.keep, spec=groups.spec)
 
 
 # ------------------------------------------------------------------------------ one step, all rows
 def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
                  B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None,
-                 evals: Optional[int] = None):
+                 evals: Optional[int] = None, dependent: Optional[bool] = None):
     """Forward mode for one step: ([G, P+1, M, K] contributions φ_s·B[p]|g before the minus sign,
     [M, K] φ_s·Δ_s for the residual). Tangents: one per (group, row of B) plus Δ_s, ``chunk`` at a
     time. With data="all" (B = [−Δ_s − r_s; r_s], as built by phi_all_from_update) the tangents are
     Δ_s|g and r_s|g (φ·B[0]|g = −φ·Δ_s|g − φ·r_s|g, φ·Δ_s = Σ_g φ·Δ_s|g): 2G instead of 2G + 1.
     jd: φ_s·Δ_s [M, K] when the quadrature rule has already computed it at these nodes (Δ_s then
     needs no tangent of its own). evals: tangent × node evaluations per call (the planner's
-    eval_chunk; default ``chunk``, one node per call)."""
+    eval_chunk; default ``chunk``, one node per call). dependent: whether B is
+    [−Δ_s − r_s; r_s] (None: compared here, at the cost of two D-vectors); with dependent=True
+    B may be [r_s] alone (the first row is never pushed)."""
     G, P1 = groups.G, B.shape[0]
-    ids = groups.ids.to(theta_s.device)
-    dependent = P1 == 2 and bool(torch.equal(B[0], torch.sub(-delta, B[1])))
-    vecs = torch.cat([B, delta[None]])                                 # rows 0..P1-1: B, P1: Δ
+    ids = None if groups.perm is None else groups.ids.to(theta_s.device)
+    if dependent is None:
+        dependent = P1 == 2 and bool(torch.equal(B[0], torch.sub(-delta, B[1])))
+    implicit = bool(dependent) and P1 == 1
+    if implicit:
+        P1 = 2
+    dependent = dependent and P1 == 2
+
+    def vec(v):                                                        # rows 0..P1-1: B, P1: Δ
+        return delta if v == P1 else B[v - 1 if implicit else v]
     if dependent:                     # (vector, group): r|g for every g, Δ|g unless jd covers G = 1
         recipe = [(1, g) for g in range(G)] + ([] if (jd is not None and G == 1) else
                                                [(P1, g) for g in range(G)])
@@ -219,12 +235,17 @@ def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
         chunk = min(chunk, max(TANGENTS_PER_CALL, evals // max(2 * q, 1)))   # half the budget)
     for a in range(0, T, chunk):
         # row by row: one [T_c, D] buffer, no [T_c, D] temporaries (masks, gathers) per step
-        V = torch.empty(min(T, a + chunk) - a, vecs.shape[1], dtype=B.dtype, device=B.device)
+        V = torch.empty(min(T, a + chunk) - a, B.shape[1], dtype=B.dtype, device=B.device)
         for i, (v, g) in enumerate(recipe[a:a + chunk]):
             if g < 0:
-                V[i] = vecs[v]
+                V[i] = vec(v)
+            elif groups.perm is None:          # contiguous groups: copy the slice, no mask
+                a0, b0 = int(groups.offsets[g]), int(groups.offsets[g + 1])
+                V[i, :a0] = 0
+                V[i, b0:] = 0
+                V[i, a0:b0] = vec(v)[a0:b0]
             else:
-                torch.where(ids == g, vecs[v], torch.zeros((), dtype=B.dtype, device=B.device),
+                torch.where(ids == g, vec(v), torch.zeros((), dtype=B.dtype, device=B.device),
                             out=V[i])
         outs.append(forward_contract(tf, theta_s, delta, nodes, V,
                                      max_evals=max(chunk, evals or 0)))
@@ -262,4 +283,5 @@ def reverse_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
         o = segment_contract(rows, B, groups)                          # [G, m*Kc, P1]
         out[:, :, idx, ks] = o.reshape(G, m, kc, P1).permute(0, 3, 1, 2)
         jd[idx, ks] = (rows @ delta).reshape(m, kc)
+        del phi, rows                         # before the next chunk's φ: one φ at a time
     return out, jd

@@ -75,32 +75,35 @@ def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = N
             subsampled_reg(traj, s, reg, **opts)
         else:
             reg.step_with(rule.coefficients(traj.step(s), **opts), traj.theta(s, **opts))
-    th_next = traj.theta(first, **opts) if first else pb.theta0
+    th_next = traj.theta(first, **opts)       # (θ_0 is not held by the problem: read again)
+    implicit_phi = pb.plan.mode == "forward" and not pb.per_sample_data   # B[0] = −Δ_s − r_s
     for s in range(first, stop):
         th = th_next
         th_next = traj.theta(s + 1, **opts)
         delta = th_next - th
-        B = torch.empty(P + 1, D, **opts)                        # [Φ_s[1..P]; r_s]
+        # [Φ_s[1..P]; r_s]; forward mode with data="all" pushes Δ_s and r_s only: [r_s]
+        B = torch.empty(1 if implicit_phi else P + 1, D, **opts)
         if traj.checkpoint_every != 1:
-            r = subsampled_reg(traj, s, reg, **opts)
+            B[-1] = subsampled_reg(traj, s, reg, **opts)
         else:
             rec = traj.step(s)
             c = rule.coefficients(rec, **opts)
-            r = reg.step_with(c, th)
+            reg.step_with(c, th, out=B[-1])
+        r = B[-1]
         if pb.per_sample_data:
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
             G_sum = stream_moments(bg, moments, c, pb.plan.train_budget)
             acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
             moments.phi(c, out=B[:P])
-        else:
+        elif not implicit_phi:
             phi_all_from_update(delta, r, out=B[0])
-        B[P] = r
         nodes = acc.nodes(s, th, delta, deferred=True)
         while nodes is not None:       # a rule with a deferred residual check may ask again
             if pb.plan.mode == "forward":
                 out, jd = forward_step(pb.tf, pb.groups, th, delta, nodes, B,
                                        pb.plan.tangent_chunk, jd=acc.node_jd,
-                                       evals=pb.plan.eval_chunk)
+                                       evals=pb.plan.eval_chunk,
+                                       dependent=not pb.per_sample_data)
                 acc.ev_jvp[s] += nodes.num_nodes * (pb.G * (P + 1) + 1)
             else:
                 out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K)
@@ -156,5 +159,6 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar, chunks=None,
                                   o.reshape(G, m, kc, -1).permute(0, 3, 1, 2),  # [G, U, m, Kc]
                                   ro.reshape(G, m, kc))
             acc.certify(s, (rows @ delta).reshape(m, kc), idx, ks)
+            del phi, rows                     # before the next step's φ: one φ at a time
             if first:
                 bar.update(1)

@@ -385,7 +385,7 @@ def _rows_update(ctx: Context, pb, acc: Accumulator, bar, mine) -> None:
     opts = dict(dtype=pb.dtype, device=pb.device)
     moments = MomentRecursion(P, D, **opts) if pb.per_sample_data else None
     reg = RegRecursion(D, **opts)
-    th_next = pb.theta0
+    th_next = traj.theta(0, **opts)
     for s in range(pb.N):
         th = th_next
         th_next = traj.theta(s + 1, **opts)
@@ -521,7 +521,7 @@ def _run_tangents(ctx: Context, pb, acc: Accumulator, bar) -> None:
         part_ids = pb.part.ids.cpu()
         moments = MomentRecursion(len(own_parts), D, **opts)
         Phi = torch.empty(len(own_parts), D, **opts)
-    th_next = pb.theta0
+    th_next = traj.theta(0, **opts)
     for s in range(pb.N):
         th = th_next
         th_next = traj.theta(s + 1, **opts)

@@ -74,7 +74,10 @@ def attribute(model, trajectory, test_inputs, *, test_targets=None, train_data=N
             "midpoint:n" | "gauss-legendre:n" | "adaptive:tol" | "kinks:n" |
             callable(s, theta_s, delta_s) -> NodeSet ([Q] or per-sample [M, Q]).
         mode: "forward" | "reverse" | "auto" (planner).
-        memory_budget: bytes for the chunked work buffers (default 2 GiB); chunks shrink to fit.
+        memory_budget: bytes the call may hold beyond its inputs and result (default 2 GiB):
+            chunks shrink to fit; a budget below the attribution's minimum (its per-step
+            D-vectors plus one chunk) raises a ValueError naming that minimum; "minimum"
+            runs at the smallest chunks (docs/design.md §10).
         credit: "update" (step where θ moved; forward recursion, P·D state), "gradient" (step
             whose batch produced the gradient; backward recursion, reverse mode, 2·M·K·D state),
             "auto" ("gradient" when data != "all" and steps="all", where both agree, else

@@ -25,21 +25,30 @@ from ..model.losses import causal_lm_token_losses, cross_entropy, labels_and_mas
 class ParamGroups:
     """Parameter groups as contiguous segments of a permuted flat vector.
 
-    ids: int64 [D] group of each coordinate (layout order); names: G labels;
-    perm: int64 [D] with ids[perm] sorted (None when the layout order is already grouped);
-    offsets: int64 [G+1] segment starts in permuted order; keep: False for "all" (axis dropped).
+    ids: int64 [D] group of each coordinate (layout order; stored only when the groups are not
+    contiguous, else rebuilt from the offsets on each access: 8·D bytes not held for the call);
+    names: G labels; perm: int64 [D] with ids[perm] sorted (None when the layout order is already
+    grouped); offsets: int64 [G+1] segment starts in permuted order; keep: False for "all" (axis
+    dropped).
     """
 
-    ids: torch.Tensor
     names: List[str]
     perm: Optional[torch.Tensor]
     offsets: torch.Tensor
     keep: bool
     spec: str
+    stored_ids: Optional[torch.Tensor] = None
 
     @property
     def G(self) -> int:
         return len(self.names)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        if self.stored_ids is not None:
+            return self.stored_ids
+        return torch.repeat_interleave(torch.arange(self.G, dtype=torch.int64),
+                                       self.offsets[1:] - self.offsets[:-1])
 
 
 def _module_of(name: str) -> str:
@@ -145,7 +154,8 @@ def parse_params(spec, layout: ParamLayout) -> ParamGroups:
         perm = None
     else:
         perm = torch.argsort(ids, stable=True)
-    return ParamGroups(ids=ids, names=names, perm=perm, offsets=offsets, keep=keep, spec=str(spec))
+    return ParamGroups(stored_ids=None if perm is None else ids, names=names, perm=perm,
+                       offsets=offsets, keep=keep, spec=str(spec))
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -55,7 +55,6 @@ class Problem:
     loss_fn: Callable
     fm: FunctionalModel
     tf: TestFunction
-    theta0: torch.Tensor
     initial: torch.Tensor
     plan: Plan
 
@@ -253,11 +252,13 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
     model = _in.unwrap_compiled(model)
     layout.check_model(model)
     _in.check_output_key(model_output)
-    if memory_budget is not None:
+    if memory_budget is not None and not (isinstance(memory_budget, str)
+                                          and memory_budget == "minimum"):
         if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or \
                 not math.isfinite(memory_budget) or memory_budget <= 0:
             raise ValueError(f"memory_budget={memory_budget!r}: expected a positive number of bytes "
-                             "(e.g. 2 * 1024**3), or None for the default 2 GiB")
+                             "(e.g. 2 * 1024**3), 'minimum' (the smallest chunks) or None for the "
+                             "default 2 GiB")
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
     if device is None:
@@ -360,12 +361,13 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
                      itemsize=itemsize, mode=mode, credit=credit, budget=memory_budget,
                      data_all=not per_sample_data,
                      fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS),
-                     numels=layout.numels, batch=_first_batch(traj) if per_sample_data else 0)
+                     numels=layout.numels, batch=_first_batch(traj) if per_sample_data else 0,
+                     grouped=groups.perm is None,
+                     coef_vectors=3 if traj.rule.has_second_moment else 0)
     plan.attention = _att.describe(seen.seen)
     plan.mode_reason = mode_reason
     plan.per_sample = per_sample
     plan.buffers = buffers_text
-    budget = plan.memory_budget
     S = len(windows.bounds)
     result_bytes = itemsize * (S * G * (P + 1) * M * K + traj.num_steps * M * K)
     available = _device_memory(device)
@@ -375,12 +377,7 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
                          f"each), more than the {available / 2**30:.3g} GiB of {device}: keep fewer "
                          "axes (steps='all', coarser params or data, fewer outputs) or split the "
                          "test set")
-    if per_sample_data and credit == "update" and P * D * itemsize > budget:
-        raise ValueError(f"update-step credit keeps one D-vector per data partition: {P}×{D}×"
-                         f"{itemsize} B = {P * D * itemsize} B exceeds memory_budget={budget}; "
-                         "use credit='gradient' (backward recursion, no per-sample buffer) or a "
-                         "larger budget")
     return Problem(model=model, traj=traj, dtype=dtype, device=device, X=X, targets=test_targets,
                    out_spec=out_spec, groups=groups, part=part, windows=windows, rule=rule,
                    credit=credit, per_sample_data=per_sample_data, train=train, loss_fn=loss_fn,
-                   fm=fm, tf=tf, theta0=theta0, initial=initial, plan=plan)
+                   fm=fm, tf=tf, initial=initial, plan=plan)

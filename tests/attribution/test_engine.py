@@ -183,12 +183,12 @@ def test_small_memory_budget_chunks_identically(mlp):
     kw = dict(params="neuron", data="label", steps=2, output="logits")
     for mode in ("forward", "reverse"):
         big = run_attr(mlp, mode=mode, **kw)
-        small = run_attr(mlp, mode=mode, memory_budget=20_000, **kw)
+        small = run_attr(mlp, mode=mode, memory_budget="minimum", **kw)
         assert small.plan["tangent_chunk"] < big.plan["tangent_chunk"] or mode == "reverse"
         assert small.plan["sample_chunk"] == 1 and big.plan["sample_chunk"] > 1
         assert small.plan["output_chunk"] < 3 == big.plan["output_chunk"]   # rows split too
         assert (big.kernel - small.kernel).abs().max() < 1e-13
-    g = run_attr(mlp, data="sample", steps="all", credit="gradient", memory_budget=20_000)
+    g = run_attr(mlp, data="sample", steps="all", credit="gradient", memory_budget="minimum")
     assert g.plan["sample_chunk"] == 1 and g.plan["output_chunk"] < 3
     check(mlp, g, "logits", "all", "sample", "all")
 

@@ -111,7 +111,7 @@ def test_engine_forward_equals_reverse_with_tiny_tangent_chunks():
         w[0, :2] = 0.5
         return NodeSet(t, w)
     kw = dict(params="tensor", steps="each", quadrature=rule, progress=False)
-    fwd = attribute(model, traj, Xte, mode="forward", memory_budget=1, **kw)
+    fwd = attribute(model, traj, Xte, mode="forward", memory_budget="minimum", **kw)
     assert fwd.plan["tangent_chunk"] == 1
     rev = attribute(model, traj, Xte, mode="reverse", **kw)
     _close(fwd.kernel, rev.kernel)

@@ -108,6 +108,10 @@ def test_path_function_equals_materialised_parameters():
     assert (pf.values(sample, t) - vals).abs().max() < 1e-12 * scale
     assert (pf.jvp_rows(sample, t, V) - jv).abs().max() < 1e-12 * float(jv.abs().max())
     assert (pf.jacobian_rows(sample, t) - jac).abs().max() < 1e-12 * float(jac.abs().max())
+    by_tensor = pf.jacobian_rows_by_tensor(sample, t, slice(1, 3))      # per tensor, outputs 1:3
+    assert list(by_tensor) == list(tf.fm.layout.names)
+    flat = torch.cat([j.reshape(5, 2, -1) for j in by_tensor.values()], dim=-1)
+    assert torch.equal(flat, pf.jacobian_rows(sample, t, slice(1, 3)))  # same numbers, bit for bit
     tq = torch.tensor([0.25, 0.8], dtype=DT)
     shared = torch.stack([torch.stack([jvp(tf.values, (th + q * dl,), (v,))[1] for q in tq])
                           for v in V])
