@@ -22,4 +22,5 @@ def test_memory_budget_bench_reports_a_refused_budget(load_bench):
     bench = load_bench("bench_memory_budget")
     # update credit keeps P·D numbers: 10 labels × 1.86M float32 params > 64 MiB, refused up front
     rows = bench.run(quick=False, budgets=[64], cases=["forward data=label"])
-    assert len(rows) == 1 and "exceeds memory_budget" in rows[0]["refused"]
+    assert len(rows) == 1 and "is below the minimum" in rows[0]["refused"]
+    assert "Update-step credit keeps one D-vector per data partition" in rows[0]["refused"]
