@@ -160,8 +160,9 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
     P, _, K = V.shape
     dtype = V.dtype
     tiny = torch.finfo(dtype).tiny
-    c = ch.coefficients(V)                                              # [P, n+1, K]
-    tl = ch.tail(c)                                                     # [P, K]
+    start = blocks[skip][0] if skip < len(blocks) else K                # first analysed value
+    c = ch.coefficients(V[:, :, start:])                                # [P, n+1, K − start]
+    tl = ch.tail(c)
     a = torch.tensor([p.a for p in ps], dtype=torch.float64)
     b = torch.tensor([p.b for p in ps], dtype=torch.float64)
     unresolved = torch.zeros(P, dtype=torch.bool)
@@ -172,7 +173,8 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
         if bi < skip:
             continue
         width = size * cand
-        Vb, cb, tb = V[:, :, off:off + width], c[:, :, off:off + width], tl[:, off:off + width]
+        co = off - start
+        Vb, cb, tb = V[:, :, off:off + width], c[:, :, co:co + width], tl[:, co:co + width]
         scale = Vb.abs().amax((1, 2)).clamp_min(tiny)                   # [P]
         tolb = tol * scale
         rel = (tb / scale[:, None]).to(torch.float64)
@@ -248,17 +250,22 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
         rt = rd = torch.zeros(0, dtype=torch.float64)
     order = torch.argsort(rp * 4.0 + rt)
     rp, rt, ru, rd = rp[order], rt[order], ru[order], rd[order]
-    bounds = torch.searchsorted(rp, torch.arange(P + 1))
+    bounds = torch.searchsorted(rp, torch.arange(P + 1)).tolist()
+    # the per-piece bookkeeping on python floats (one tensor op per piece costs more than the
+    # arithmetic; the comparisons are the same float64 ones)
+    rt_l, unresolved_l, worst_l = rt.tolist(), unresolved.tolist(), worst.tolist()
+    # blocks before the first open one have all their roots among the knots (sub-pieces bisected
+    # without knots have none inside): the sub-pieces need not analyse them
+    done_l = (open_block.cumsum(1) == 0).sum(1).tolist()
     out: List[_Piece] = []
     for k, p in enumerate(ps):
-        lo_, hi_ = int(bounds[k]), int(bounds[k + 1])
-        ts = rt[lo_:hi_]
-        inner = ts[(ts - p.a > merge_tol) & (p.b - ts > merge_tol)].tolist()
+        lo_, hi_ = bounds[k], bounds[k + 1]
+        inner = [t for t in rt_l[lo_:hi_] if t - p.a > merge_tol and p.b - t > merge_tol]
         knots = []
         for t in inner:
             if not knots or t - knots[-1] > merge_tol:
                 knots.append(t)
-        if not bool(unresolved[k]):
+        if not unresolved_l[k]:
             _record(found[p.m], knots, merge_tol)
             if p.initial and lo_ < hi_:
                 sel = slice(lo_, hi_)
@@ -269,7 +276,7 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
                 _initial_signs(res, p, V[k], c[k], blocks, n)
             continue
         raise_ok = lv + 1 < len(levels)
-        if raise_ok and (float(worst[k]) <= SMOOTH_TAIL or not knots):
+        if raise_ok and (worst_l[k] <= SMOOTH_TAIL or not knots):
             p.level, p.vals = lv + 1, V[k]
             out.append(p)
             continue
@@ -282,12 +289,9 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
         else:
             res.unconverged += 1
             continue
-        # blocks before the first open one have all their roots among the knots (sub-pieces
-        # bisected without knots have none inside): the sub-pieces need not analyse them
-        done = int((open_block[k].cumsum(0) == 0).sum())
         for lo, hi in zip(edges[:-1], edges[1:]):
             if hi - lo > min_piece:
-                out.append(_Piece(p.m, lo, hi, 0, None, False, SUB_LEVELS, done))
+                out.append(_Piece(p.m, lo, hi, 0, None, False, SUB_LEVELS, done_l[k]))
     return out
 
 
