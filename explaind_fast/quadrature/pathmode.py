@@ -214,7 +214,8 @@ def _split_conv(conv):
             if b is not None or db is not None:
                 bb = torch.cat([b if b is not None else torch.zeros_like(db),
                                 db if db is not None else torch.zeros_like(b)])
-            y, part = conv(x, torch.cat([W, dW]), bb, *rest, **kw).chunk(2, dim=1)
+            out = conv(x, torch.cat([W, dW]), bb, *rest, **kw)
+            y, part = out.chunk(2, dim=out.dim() - W.dim() + 1)       # channels (unbatched: 0)
             return y + mode.tb(y) * part
         y = conv(x, W, b, *rest, **kw)
         if dW is None:

@@ -2,8 +2,9 @@
 max-pool CNN with BatchNorm in eval mode (float64).
 
 * PathFunction rows and shared nodes on convolutions with and without bias, a grouped one (not
-  stacked), batch norm with and without affine parameters, against the model evaluated at the
-  materialised parameters θ_s + tΔ_s: 1e-12 relative (the same products in another order).
+  stacked), batch norm with and without affine parameters, and a split convolution of an
+  unbatched input, against the model evaluated at the materialised parameters θ_s + tΔ_s: 1e-12
+  relative (the same products in another order).
 * kinks:3 through the engine against the full-tensor naive reference (explaind_fast.testing.naive)
   at per-sample Gauss–Legendre-8 nodes between the breakpoints of the *bracket* search (another
   search, another quadrature order, another contraction): 1e-10 relative per step. On each
@@ -80,6 +81,19 @@ def test_split_convolutions_and_eval_batch_norm_equal_materialised_parameters():
     for split in (False, True):
         got = pf.jvp_shared(tq, slice(None), V, split=split)
         assert (got - shared).abs().max() < 1e-12 * float(shared.abs().max()), split
+
+
+def test_split_convolution_of_an_unbatched_input():
+    from explaind_fast.quadrature.pathmode import PathMode
+    g = torch.Generator().manual_seed(2)
+    W, b = torch.randn(4, 2, 3, 3, generator=g, dtype=DT), torch.randn(4, generator=g, dtype=DT)
+    dW, db = torch.randn(W.shape, generator=g, dtype=DT), torch.randn(4, generator=g, dtype=DT)
+    for x in (torch.randn(2, 2, 5, 5, generator=g, dtype=DT),
+              torch.randn(2, 5, 5, generator=g, dtype=DT)):             # batched, unbatched
+        with PathMode({id(W): dW, id(b): db}, 0.3):
+            y = F.conv2d(x, W, b, padding=1)
+        ref = F.conv2d(x, W + 0.3 * dW, b + 0.3 * db, padding=1)
+        assert (y - ref).abs().max() < 1e-12 * float(ref.abs().max())
 
 
 class BNPoolCNN(nn.Module):
