@@ -207,6 +207,16 @@ def _split_conv(conv):
         if (dW is None and db is None) or mode._d(x) is not None:
             return NotImplemented
         rest, kw = args[3:], {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
+        if dW is not None and _arg(args, kwargs, 6, "groups", 1) == 1:
+            # one convolution with [W; ΔW] stacked on the output channels: the input is unfolded
+            # once for both (float64 convolutions on CPU are im2col + GEMM)
+            bb = None
+            if b is not None or db is not None:
+                bb = torch.cat([b if b is not None else torch.zeros_like(db),
+                                db if db is not None else torch.zeros_like(b)])
+            out = conv(x, torch.cat([W, dW]), bb, *rest, **kw)
+            y, part = out.chunk(2, dim=out.dim() - W.dim() + 1)       # channels (unbatched: 0)
+            return y + mode.tb(y) * part
         y = conv(x, W, b, *rest, **kw)
         if dW is None:
             return y + mode.tb(y) * db.reshape((1, -1) + (1,) * (y.dim() - 2))
@@ -279,18 +289,23 @@ def _batch_norm_eval(mode, args, kwargs):
         return NotImplemented
     shape = (1, -1) + (1,) * (x.dim() - 2)
     eps = 1e-5 if v["eps"] is None else v["eps"]
-    xh = (x - v["running_mean"].reshape(shape)) * torch.rsqrt(v["running_var"] + eps).reshape(shape)
+    r = torch.rsqrt(v["running_var"] + eps).reshape(shape)
     w, b = v["weight"], v["bias"]
     path = mode.delta_of and mode.t is not None
     dw, db = (mode._d(w), mode._d(b)) if path else (None, None)
-    y = xh if w is None else xh * w.reshape(shape)
-    if b is not None:
-        y = y + b.reshape(shape)
-    if dw is not None or db is not None:        # + t·(x̂·Δγ + Δβ)
-        part = xh * dw.reshape(shape) if dw is not None else None
+    # (x − mean)·A + B with the per-channel A = r·(γ + tΔγ), B = β + tΔβ formed first (small,
+    # per row where t is): three passes over the activations instead of one per term
+    A = r if w is None else r * w.reshape(shape)
+    B = None if b is None else b.reshape(shape)
+    if dw is not None or db is not None:
+        tt = mode.tb(x)
+        if dw is not None:
+            A = A + tt * (r * dw.reshape(shape))
         if db is not None:
-            part = db.reshape(shape).expand(y.shape) if part is None else part + db.reshape(shape)
-        y = y + mode.tb(y) * part
+            B = tt * db.reshape(shape) if B is None else B + tt * db.reshape(shape)
+    y = (x - v["running_mean"].reshape(shape)) * A
+    if B is not None:
+        y = y + B
     return y.contiguous()
 
 

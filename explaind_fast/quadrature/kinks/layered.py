@@ -53,6 +53,7 @@ class _Piece:
     vals: Optional[torch.Tensor] = None      # [n+1, K] at the Lobatto points of the current level
     initial: bool = True
     ladder: Tuple[int, ...] = DEFAULT_LEVELS
+    skip: int = 0                            # leading blocks resolved on an ancestor piece
 
 
 @dataclass
@@ -99,9 +100,9 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
         # ---- evaluate every open piece at the points of its level it does not have yet
         groups = {}
         for p in open_:
-            groups.setdefault((p.ladder, p.level, p.vals is not None), []).append(p)
+            groups.setdefault((p.ladder, p.level, p.vals is not None, p.skip), []).append(p)
         req_s, req_t, where = [], [], []
-        for (ladder, lv, has), ps in groups.items():
+        for (ladder, lv, has, _), ps in groups.items():
             n = ladder[lv]
             a = torch.tensor([p.a for p in ps], dtype=torch.float64)
             b = torch.tensor([p.b for p in ps], dtype=torch.float64)
@@ -109,7 +110,7 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
             need = pts[:, 1::2] if has else pts
             req_s.append(torch.tensor([p.m for p in ps]).repeat_interleave(need.shape[1]))
             req_t.append(need.reshape(-1))
-            where.append(((ladder, lv, has), need.shape[1]))
+            where.append(((ladder, lv, has, ps[0].skip), need.shape[1]))
             per = need.shape[1]
             res.shared_evals += per * len({p.a for p in ps if p.initial})
             res.row_evals += per * sum(not p.initial for p in ps)
@@ -118,7 +119,7 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
         Vall = path.values(S, Tt.to(dtype)).to(dtype) if len(S) else torch.zeros(0, K, dtype=dtype)
         nxt_open: List[_Piece] = []
         pos = 0
-        for ((ladder, lv, has), per), (key, ps) in zip(where, groups.items()):
+        for ((ladder, lv, has, skip), per), (key, ps) in zip(where, groups.items()):
             n = ladder[lv]
             P = len(ps)
             Vn = Vall[pos:pos + P * per].reshape(P, per, K)
@@ -130,7 +131,7 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
             else:
                 V = Vn
             nxt_open += _analyse(ps, V, n, lv, ladder, blocks, tol, merge_tol, min_piece, found,
-                                 unit_roots, res)
+                                 unit_roots, res, skip)
         open_ = nxt_open
     res.unconverged += sum(1 for _ in open_)
     if open_:
@@ -151,21 +152,29 @@ def search(path, *, cells: int = 1, tol: Optional[float] = None, levels=DEFAULT_
     return res
 
 
-def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, unit_roots, res):
-    """One level group of open pieces: roots, resolution, and the pieces still open after it."""
+def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, unit_roots, res,
+             skip=0):
+    """One level group of open pieces: roots, resolution, and the pieces still open after it.
+    The first ``skip`` blocks were resolved on the parent piece (every function converged, its
+    roots are the parent's split points, i.e. this piece's ends): they are not analysed again."""
     P, _, K = V.shape
     dtype = V.dtype
     tiny = torch.finfo(dtype).tiny
-    c = ch.coefficients(V)                                              # [P, n+1, K]
-    tl = ch.tail(c)                                                     # [P, K]
+    start = blocks[skip][0] if skip < len(blocks) else K                # first analysed value
+    c = ch.coefficients(V[:, :, start:])                                # [P, n+1, K − start]
+    tl = ch.tail(c)
     a = torch.tensor([p.a for p in ps], dtype=torch.float64)
     b = torch.tensor([p.b for p in ps], dtype=torch.float64)
     unresolved = torch.zeros(P, dtype=torch.bool)
     worst = torch.zeros(P, dtype=torch.float64)                         # max relative tail
     rp, rt, ru, rd = [], [], [], []                                     # piece, t, unit, dir
-    for off, kind, size, cand in blocks:
+    open_block = torch.zeros(P, len(blocks), dtype=torch.bool)
+    for bi, (off, kind, size, cand) in enumerate(blocks):
+        if bi < skip:
+            continue
         width = size * cand
-        Vb, cb, tb = V[:, :, off:off + width], c[:, :, off:off + width], tl[:, off:off + width]
+        co = off - start
+        Vb, cb, tb = V[:, :, off:off + width], c[:, :, co:co + width], tl[:, co:co + width]
         scale = Vb.abs().amax((1, 2)).clamp_min(tiny)                   # [P]
         tolb = tol * scale
         rel = (tb / scale[:, None]).to(torch.float64)
@@ -174,7 +183,8 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
             maybe = ch.may_have_root(cb.transpose(1, 2), tolb[:, None])
             open_f = (~conv) & ~_far(Vb)
             solve = conv & maybe
-            unresolved |= open_f.any(1)
+            open_block[:, bi] = open_f.any(1)
+            unresolved |= open_block[:, bi]
             worst = torch.maximum(worst, torch.where(open_f, rel, torch.zeros_like(rel)).amax(1))
             pi, ui = torch.nonzero(solve, as_tuple=True)
             if len(pi):
@@ -197,7 +207,8 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
         else:
             safe = torch.ones(P, size, dtype=torch.bool)
         open_w = ~safe & ~conv_w
-        unresolved |= open_w.any(1)
+        open_block[:, bi] = open_w.any(1)
+        unresolved |= open_block[:, bi]
         relw = (tb.reshape(P, size, cand) / scale[:, None, None]).amax(-1).to(torch.float64)
         worst = torch.maximum(worst, torch.where(open_w, relw, torch.zeros_like(relw)).amax(1))
         pw, ww = torch.nonzero(~safe & conv_w, as_tuple=True)
@@ -239,17 +250,22 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
         rt = rd = torch.zeros(0, dtype=torch.float64)
     order = torch.argsort(rp * 4.0 + rt)
     rp, rt, ru, rd = rp[order], rt[order], ru[order], rd[order]
-    bounds = torch.searchsorted(rp, torch.arange(P + 1))
+    bounds = torch.searchsorted(rp, torch.arange(P + 1)).tolist()
+    # the per-piece bookkeeping on python floats (one tensor op per piece costs more than the
+    # arithmetic; the comparisons are the same float64 ones)
+    rt_l, unresolved_l, worst_l = rt.tolist(), unresolved.tolist(), worst.tolist()
+    # blocks before the first open one have all their roots among the knots (sub-pieces bisected
+    # without knots have none inside): the sub-pieces need not analyse them
+    done_l = (open_block.cumsum(1) == 0).sum(1).tolist()
     out: List[_Piece] = []
     for k, p in enumerate(ps):
-        lo_, hi_ = int(bounds[k]), int(bounds[k + 1])
-        ts = rt[lo_:hi_]
-        inner = ts[(ts - p.a > merge_tol) & (p.b - ts > merge_tol)].tolist()
+        lo_, hi_ = bounds[k], bounds[k + 1]
+        inner = [t for t in rt_l[lo_:hi_] if t - p.a > merge_tol and p.b - t > merge_tol]
         knots = []
         for t in inner:
             if not knots or t - knots[-1] > merge_tol:
                 knots.append(t)
-        if not bool(unresolved[k]):
+        if not unresolved_l[k]:
             _record(found[p.m], knots, merge_tol)
             if p.initial and lo_ < hi_:
                 sel = slice(lo_, hi_)
@@ -260,7 +276,7 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
                 _initial_signs(res, p, V[k], c[k], blocks, n)
             continue
         raise_ok = lv + 1 < len(levels)
-        if raise_ok and (float(worst[k]) <= SMOOTH_TAIL or not knots):
+        if raise_ok and (worst_l[k] <= SMOOTH_TAIL or not knots):
             p.level, p.vals = lv + 1, V[k]
             out.append(p)
             continue
@@ -275,7 +291,7 @@ def _analyse(ps, V, n, lv, levels, blocks, tol, merge_tol, min_piece, found, uni
             continue
         for lo, hi in zip(edges[:-1], edges[1:]):
             if hi - lo > min_piece:
-                out.append(_Piece(p.m, lo, hi, 0, None, False, SUB_LEVELS))
+                out.append(_Piece(p.m, lo, hi, 0, None, False, SUB_LEVELS, done_l[k]))
     return out
 
 
