@@ -14,8 +14,6 @@ The constructor signatures are stable: other modules (benchmarks, tests) import 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -71,8 +69,10 @@ class _Attention(nn.Module):
         q = self.q(query).view(B, Tq, h, dh).transpose(1, 2)      # [B, h, Tq, dh]
         k = self.k(x).view(B, T, h, dh).transpose(1, 2)           # [B, h, T, dh]
         v = self.v(x).view(B, T, h, dh).transpose(1, 2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)          # [B, h, Tq, T]
-        z = scores.softmax(dim=-1) @ v                            # [B, h, Tq, dh]
+        # softmax(q kᵀ / √dh) v as one op: the attribution runs it on the math backend (C++), ~10 %
+        # faster under vmap(jvp) than the same ops written out (their scalar division takes a
+        # Python decomposition there); bit-identical when √dh is a power of two (dh = 16)
+        z = F.scaled_dot_product_attention(q, k, v)               # [B, h, Tq, dh]
         return self.o(z.transpose(1, 2).reshape(B, Tq, h * dh))
 
 
