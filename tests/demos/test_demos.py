@@ -202,11 +202,16 @@ def test_grokking_tiny_subsampled_checkpoints(tmp_path):
     stored segments (exact with the kink-aware rule, float32 training attributed in float64),
     Figures 4/5 reported as not computed."""
     from explaind_fast.demos import grokking
-    cfg = grokking.PRESETS["tiny"].with_overrides(checkpoint_every=2, eval_every=2, threads=1,
+    cfg = grokking.PRESETS["tiny"].with_overrides(checkpoint_every=2, eval_every=2,
                                                   rules=("midpoint:10", "kinks:4"),
                                                   train_dtype="float32")
     out = tmp_path / "sub"
-    summary = grokking.run(str(out), cfg, log=lambda s: None)
+    lines = []
+    before = torch.get_num_threads()
+    summary = grokking.run(str(out), cfg, log=lines.append)
+    assert torch.get_num_threads() == before              # restored after the 1-thread attribution
+    assert f"[grokking] attribution with 1 thread(s) (training used {before}; --threads sets " \
+        "both)" in lines
     assert (summary["num_steps"], summary["num_raw_steps"]) == (3, 6)
     assert set(summary["phases"]) == {"training + recording", "Table 1", "Figure 3a",
                                       "plots, report, other"}
