@@ -24,7 +24,7 @@ from .accumulator import Accumulator
 from .contraction import (forward_step, restrict_groups, reverse_phi, reverse_step, row_chunks,
                           segment_contract)
 from .problem import Problem
-from .train_side import BatchGradients, subsampled_reg
+from .train_side import BatchGradients, release_freed_memory, subsampled_reg
 
 
 def stream_moments(bg: BatchGradients, moments: MomentRecursion, c, budget: int) -> torch.Tensor:
@@ -93,6 +93,7 @@ def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = N
         if pb.per_sample_data:
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
             G_sum = stream_moments(bg, moments, c, pb.plan.train_budget)
+            release_freed_memory(th.device)
             acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
             moments.phi(c, out=B[:P])
         elif not implicit_phi:
@@ -151,6 +152,7 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar, chunks=None,
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
             o, G_sum = stream_contract(bg, H, c.gain, pb.groups, pb.plan.train_budget,
                                        sub_groups)                        # [G, m*Kc, U]
+            release_freed_memory(th.device)
             if first and check_identity:
                 acc.identity.step(s, c, rec, th, delta, th + delta, G_sum, backward=True)
             present = bg.present
