@@ -199,6 +199,27 @@ def restrict_groups(groups: ParamGroups, a: int, b: int) -> ParamGroups:
 
 
 # ------------------------------------------------------------------------------ one step, all rows
+def group_ids(groups: ParamGroups, device) -> Optional[torch.Tensor]:
+    """The coordinate → group map :func:`group_tangent` needs: None for contiguous groups (it
+    copies slices), else int64 [D] on ``device``."""
+    return None if groups.perm is None else groups.ids.to(device)
+
+
+def group_tangent(out: torch.Tensor, v: torch.Tensor, groups: ParamGroups, g: int,
+                  ids: Optional[torch.Tensor]) -> None:
+    """out[:] = v restricted to group g (zero elsewhere; g < 0: all of v), written in place: no
+    [D] temporaries. ``ids`` from :func:`group_ids`."""
+    if g < 0:
+        out.copy_(v)
+    elif ids is None:                          # contiguous groups: copy the slice, no mask
+        a, b = int(groups.offsets[g]), int(groups.offsets[g + 1])
+        out[:a] = 0
+        out[b:] = 0
+        out[a:b] = v[a:b]
+    else:
+        torch.where(ids == g, v, torch.zeros((), dtype=out.dtype, device=out.device), out=out)
+
+
 def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
                  B: torch.Tensor, chunk: int, jd: Optional[torch.Tensor] = None,
                  evals: Optional[int] = None, dependent: Optional[bool] = None):
@@ -212,7 +233,7 @@ def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
     [−Δ_s − r_s; r_s] (None: compared here, at the cost of two D-vectors); with dependent=True
     B may be [r_s] alone (the first row is never pushed)."""
     G, P1 = groups.G, B.shape[0]
-    ids = None if groups.perm is None else groups.ids.to(theta_s.device)
+    ids = group_ids(groups, theta_s.device)
     if dependent is None:
         dependent = P1 == 2 and bool(torch.equal(B[0], torch.sub(-delta, B[1])))
     implicit = bool(dependent) and P1 == 1
@@ -237,16 +258,7 @@ def forward_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: N
         # row by row: one [T_c, D] buffer, no [T_c, D] temporaries (masks, gathers) per step
         V = torch.empty(min(T, a + chunk) - a, B.shape[1], dtype=B.dtype, device=B.device)
         for i, (v, g) in enumerate(recipe[a:a + chunk]):
-            if g < 0:
-                V[i] = vec(v)
-            elif groups.perm is None:          # contiguous groups: copy the slice, no mask
-                a0, b0 = int(groups.offsets[g]), int(groups.offsets[g + 1])
-                V[i, :a0] = 0
-                V[i, b0:] = 0
-                V[i, a0:b0] = vec(v)[a0:b0]
-            else:
-                torch.where(ids == g, vec(v), torch.zeros((), dtype=B.dtype, device=B.device),
-                            out=V[i])
+            group_tangent(V[i], vec(v), groups, g, ids)
         outs.append(forward_contract(tf, theta_s, delta, nodes, V,
                                      max_evals=max(chunk, evals or 0)))
     out = torch.cat(outs) if outs else None                            # [T, M, K]

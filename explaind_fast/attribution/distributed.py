@@ -60,8 +60,8 @@ import torch
 
 from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_from_update
 from .accumulator import Accumulator
-from .contraction import (TANGENTS_PER_CALL, forward_contract, reverse_phi, row_chunks,
-                          segment_contract)
+from .contraction import (TANGENTS_PER_CALL, forward_contract, group_ids, group_tangent,
+                          reverse_phi, row_chunks, segment_contract)
 from .credit import gradient_credit, update_credit
 from .train_side import partition_gradients, subsampled_reg
 
@@ -590,20 +590,16 @@ def _share_forward(pb, theta_s, delta, nodes, tangents):
     opts = dict(dtype=theta_s.dtype, device=theta_s.device)
     res = torch.zeros(G, P1, M, K, **opts)
     jd = torch.zeros(M, K, **opts)
-    ids = pb.groups.ids.to(theta_s.device)
+    ids = group_ids(pb.groups, theta_s.device)
     chunk, evals = pb.plan.tangent_chunk, pb.plan.eval_chunk
     if evals and not nodes.per_sample:
         q = int((nodes.w != 0).sum())
         chunk = min(chunk, max(TANGENTS_PER_CALL, evals // max(2 * q, 1)))
-    zero = torch.zeros((), **opts)
     for a in range(0, len(tangents), chunk):
         part = tangents[a:a + chunk]
         V = torch.empty(len(part), theta_s.shape[0], **opts)
         for i, (v, g, _, _) in enumerate(part):
-            if g < 0:
-                V[i] = v
-            else:
-                torch.where(ids == g, v, zero, out=V[i])
+            group_tangent(V[i], v, pb.groups, g, ids)
         out = forward_contract(pb.tf, theta_s, delta, nodes, V,
                                max_evals=max(chunk, evals or 0))               # [T_c, M, K]
         for i, (_, _, targets, to_jd) in enumerate(part):

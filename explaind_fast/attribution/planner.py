@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, asdict, field
 
+from .contraction import TANGENTS_PER_CALL
+
 DEFAULT_BUDGET = 2 * 1024 ** 3
 MAX_PAIRS = 1024
 #: activations one forward-mode call may hold when it batches quadrature nodes (many small calls
@@ -202,7 +204,7 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     rows_bytes = m_chunk * k_chunk * per_row
     pair_chunk = max(1, min(MAX_PAIRS, (avail - rows_bytes) // max(k_chunk * per_pair_row, 1)))
     pairs_used = min(pair_chunk, m_chunk * max(Q, 1))   # a call never has more pairs than its rows
-    est = {"forward": {"cost": fwd_cost, "peak_bytes": base + per_tangent * min(T, t_chunk)},
+    est = {"forward": {"cost": fwd_cost},
            "reverse": {"cost": rev_cost,
                        "peak_bytes": base + rows_bytes + pairs_used * k_chunk * per_pair_row},
            "tangents": T, "activations_per_sample": A, "floor_bytes": base,
@@ -216,7 +218,6 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     eval_chunk = max(int(t_chunk), int(evals))
     # the tangents forward_step really pushes per call (shared nodes: all Q nodes per call, so
     # at most eval_chunk // 2Q tangents, at least TANGENTS_PER_CALL)
-    from .contraction import TANGENTS_PER_CALL
     pushed = min(T, t_chunk, max(TANGENTS_PER_CALL, eval_chunk // max(2 * Q, 1)))
     est["forward"]["peak_bytes"] = base + per_tangent * pushed
     slabs = [(0, D)]

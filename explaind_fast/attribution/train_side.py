@@ -12,6 +12,8 @@ reference the streamed one is tested against).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections.abc import Mapping
 from typing import Callable, List, Optional, Tuple
 
@@ -250,27 +252,24 @@ class BatchGradients:
         return torch.cat([g[nm].reshape(B, -1) for nm in names], dim=1)
 
 
-_MALLOC_TRIM = []
+@functools.lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory(device) -> None:
     """Hand the memory the train side has just freed back to the OS (CPU, glibc: malloc_trim).
     Its per-sample gradients come and go as many D-sized blocks that glibc keeps in its heap once
     its mmap threshold has risen; kept, they add to the next contraction's peak (measured: 552 →
-    473–496 MiB for reverse mode, per-label update credit, D = 1.86M, budget 512 MiB). Once per step,
+    473–522 MiB for reverse mode, per-label update credit, D = 1.86M, budget 512 MiB). Once per step,
     a few ms; nothing elsewhere (other allocators, CUDA)."""
-    if torch.device(device).type != "cpu":
-        return
-    if not _MALLOC_TRIM:
-        trim = None
-        try:
-            import ctypes
-            trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            pass
-        _MALLOC_TRIM.append(trim)
-    if _MALLOC_TRIM[0] is not None:
-        _MALLOC_TRIM[0](0)
+    trim = _malloc_trim() if torch.device(device).type == "cpu" else None
+    if trim is not None:
+        trim(0)
 
 
 def subsampled_reg(traj, s: int, reg: RegRecursion, dtype, device) -> torch.Tensor:

@@ -127,9 +127,8 @@ class OptimizerRule:
         when every group has the same value, else a [D] tensor."""
         if bool((per_group == per_group[0]).all()):
             return per_group[:1].expand(self.layout.D)
-        values = per_group[list(self.layout.group_of_tensor)]
-        return torch.repeat_interleave(values, torch.tensor(self.layout.numels,
-                                                            device=per_group.device))
+        return self.layout.expand(per_group.tolist(), dtype=per_group.dtype,   # (exact round trip)
+                                  device=per_group.device)
 
     def active_mask(self, rec: StepRecord, device=None) -> Optional[torch.Tensor]:
         """bool [D]: False on the coordinates of the tensors inactive at this step (None: all

@@ -436,13 +436,11 @@ class PathFunction:
         return vmap(lambda v: jvp(rows, (self.theta_s,), (v,))[1])(tangents)
 
     def jacobian_rows(self, sample: torch.Tensor, t: torch.Tensor, ks=slice(None), mu=None):
-        """Per-row Jacobians J(θ_s + t_r Δ_s; x_{sample_r})[ks]: [R, K_c, D]."""
-        x, tg = self._rows_args(sample)
-        tt = t.to(self.theta_s)
-
-        def one(t1, x1, y1, m1):
-            return jacrev(lambda th: self._single(th, t1, x1, y1, m1)[ks])(self.theta_s)
-        return self._vmap_rows(one, tg, mu)(tt, x, tg, mu)
+        """Per-row Jacobians J(θ_s + t_r Δ_s; x_{sample_r})[ks]: [R, K_c, D] (the per-tensor
+        Jacobians of :meth:`jacobian_rows_by_tensor`, concatenated in layout order)."""
+        J = self.jacobian_rows_by_tensor(sample, t, ks, mu)
+        R = len(sample)
+        return torch.cat([j.reshape(R, j.shape[1], -1) for j in J.values()], dim=-1)
 
     def jacobian_rows_by_tensor(self, sample: torch.Tensor, t: torch.Tensor, ks=slice(None),
                                 mu=None):
