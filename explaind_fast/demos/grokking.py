@@ -83,9 +83,9 @@ class GrokkingConfig(ConfigOverrides):
     influence_windows: int = 3                 # windows of Figures 4/5
     influence_window_len: Optional[int] = None  # default: about 2.6% of the run (paper: 50/1939)
     threads: Optional[int] = None              # torch.set_num_threads (None: torch's default)
-    # threads of the attribution phases when ``threads`` is None: one thread was as fast in wall
-    # time as two on the 2-core CPU (kinks:3 12.1 vs 14.3 s) with a third of the system time
-    # (OpenMP's passive barrier waits); training keeps torch's default
+    # threads of the attribution phases when ``threads`` is None: on the 2-core CPU two threads
+    # added system time (OpenMP's passive barrier waits) without shortening the attribution
+    # (README, "demo grokking"); training keeps torch's default
     attribution_threads: Optional[int] = 1
     seed: int = 0
     note: str = ""

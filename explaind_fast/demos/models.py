@@ -69,9 +69,9 @@ class _Attention(nn.Module):
         q = self.q(query).view(B, Tq, h, dh).transpose(1, 2)      # [B, h, Tq, dh]
         k = self.k(x).view(B, T, h, dh).transpose(1, 2)           # [B, h, T, dh]
         v = self.v(x).view(B, T, h, dh).transpose(1, 2)
-        # softmax(q kᵀ / √dh) v as one op: the attribution runs it on the math backend (C++), ~10 %
-        # faster under vmap(jvp) than the same ops written out (their scalar division takes a
-        # Python decomposition there); bit-identical when √dh is a power of two (dh = 16)
+        # softmax(q kᵀ / √dh) v as one op: the attribution runs it on the math backend (C++);
+        # written out, its scalar division takes a Python decomposition under vmap(jvp);
+        # bit-identical when √dh is a power of two (dh = 16)
         z = F.scaled_dot_product_attention(q, k, v)               # [B, h, Tq, dh]
         return self.o(z.transpose(1, 2).reshape(B, Tq, h * dh))
 
