@@ -282,13 +282,17 @@ def row_chunks(M: int, K: int, sample_chunk: int, output_chunk: int):
 
 
 def reverse_step(tf: TestFunction, groups: ParamGroups, theta_s, delta, nodes: NodeSet,
-                 B: torch.Tensor, plan, K: int):
-    """Reverse mode for one step, row chunk by row chunk: same outputs as :func:`forward_step`."""
+                 B: torch.Tensor, plan, K: int, chunks=None):
+    """Reverse mode for one step, row chunk by row chunk: same outputs as :func:`forward_step`.
+    ``chunks``: only these (test samples, outputs) chunks of :func:`row_chunks` (the rows of the
+    others stay zero in ``out`` and ``jd``)."""
     M = tf.M
     G, P1 = groups.G, B.shape[0]
     out = torch.zeros(G, P1, M, K, dtype=theta_s.dtype, device=theta_s.device)
     jd = torch.zeros(M, K, dtype=theta_s.dtype, device=theta_s.device)
-    for idx, ks in row_chunks(M, K, plan.sample_chunk, plan.output_chunk):
+    if chunks is None:
+        chunks = row_chunks(M, K, plan.sample_chunk, plan.output_chunk)
+    for idx, ks in chunks:
         phi = reverse_phi(tf, theta_s, delta, nodes, idx, plan.pair_chunk, ks)   # [m, Kc, D]
         m, kc = phi.shape[:2]
         rows = phi.reshape(m * kc, -1)

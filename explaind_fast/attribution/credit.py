@@ -15,7 +15,7 @@ train budget is smaller (docs/design.md §10).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -56,16 +56,24 @@ def stream_contract(bg: BatchGradients, H: torch.Tensor, gain: torch.Tensor, gro
     return o, bg.stream(consume, budget)
 
 
-def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = None) -> None:
+def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = None,
+                  chunks=None, reduce_jd: Optional[Callable] = None,
+                  check_identity: bool = True) -> None:
     """Forward in time over the N stored updates; every θ is read from the store once.
 
-    ``steps``: contract only this contiguous range of updates (data="all" only, the "steps" split
-    across ranks, :mod:`.distributed`): the regularisation recursion is advanced over the updates
-    before it, nothing else is computed for those."""
+    The hooks of the splits across ranks (:mod:`.distributed`):
+    ``steps``: contract only this contiguous range of updates (data="all" only, the "steps"
+    split): the regularisation recursion is advanced over the updates before it, nothing else is
+    computed for those. ``chunks``: reverse mode, only these row chunks of :func:`row_chunks` (the
+    "rows" split); ``reduce_jd``: applied to each step's φ_s·Δ_s [M, K] before the rule's residual
+    check (there: the sum over ranks of their rows); ``check_identity``: run the step-identity
+    check."""
     traj, rule, P, D = pb.traj, pb.traj.rule, pb.P, pb.D
     opts = dict(dtype=pb.dtype, device=pb.device)
     moments = MomentRecursion(P, D, **opts) if pb.per_sample_data else None
     reg = RegRecursion(D, **opts)
+    if chunks is not None and pb.plan.mode != "reverse":
+        raise ValueError("update_credit(chunks=...) splits the rows of reverse mode only")
     first, stop = (0, pb.N) if steps is None else (steps.start, steps.stop)
     if first and pb.per_sample_data:
         raise ValueError("update_credit(steps=...) starts mid-run only for data='all' (the moment "
@@ -94,7 +102,8 @@ def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = N
             bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
             G_sum = stream_moments(bg, moments, c, pb.plan.train_budget)
             release_freed_memory(th.device)
-            acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
+            if check_identity:
+                acc.identity.step(s, c, rec, th, delta, th_next, G_sum)
             moments.phi(c, out=B[:P])
         elif not implicit_phi:
             phi_all_from_update(delta, r, out=B[0])
@@ -107,8 +116,11 @@ def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = N
                                        dependent=not pb.per_sample_data)
                 acc.ev_jvp[s] += nodes.num_nodes * (pb.G * (P + 1) + 1)
             else:
-                out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K)
+                out, jd = reverse_step(pb.tf, pb.groups, th, delta, nodes, B, pb.plan, pb.K,
+                                       chunks)
                 acc.ev_jvp[s] += nodes.num_nodes * pb.M * pb.K
+            if reduce_jd is not None:
+                jd = reduce_jd(jd)
             nodes = acc.refine(s, jd)
         acc.add_update_step(s, out)
         acc.certify(s, jd)
@@ -116,14 +128,20 @@ def update_credit(pb: Problem, acc: Accumulator, bar, steps: Optional[range] = N
 
 
 def gradient_credit(pb: Problem, acc: Accumulator, bar, chunks=None,
-                    check_identity: bool = True) -> None:
+                    check_identity: bool = True, own_batch: Optional[Callable] = None,
+                    reduce_batch_gradient: Optional[Callable] = None,
+                    book_reg: bool = True) -> None:
     """Backward in time, one row chunk at a time: the contribution of partition p at gradient step
     i is −gain_i⊙G_i[p]·H_i, the regularisation −reg_gain_i⊙θ_i·Hreg_i. The quadrature nodes of
     each step are found with the first row chunk and reused by the others.
 
-    ``chunks``: only these (test rows, outputs) chunks of :func:`row_chunks` (the "rows" split
-    across ranks, :mod:`.distributed`); ``check_identity``: run the step-identity check (with the
-    first chunk)."""
+    The hooks of the splits across ranks (:mod:`.distributed`): ``chunks``: only these (test
+    rows, outputs) chunks of :func:`row_chunks` (the "rows" split); ``check_identity``: run the
+    step-identity check (with the first chunk); ``own_batch(rec)``: the step record restricted to
+    the batch samples whose partitions this process books (the "partitions" split);
+    ``reduce_batch_gradient``: applied to Σ_p G_s[p] of the first chunk before the identity check
+    (there: the sum over ranks; called whether or not this process checks); ``book_reg``: book
+    the regularisation contributions (else zeros)."""
     traj, rule, G = pb.traj, pb.traj.rule, pb.G
     opts = dict(dtype=pb.dtype, device=pb.device)
     nodes_of = {}
@@ -149,14 +167,19 @@ def gradient_credit(pb: Problem, acc: Accumulator, bar, chunks=None,
             acc.ev_jvp[s] += nodes.num_nodes * m * kc
             rows = phi.reshape(m * kc, -1)
             H, Hreg = recursion.step(c, rows)
-            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
+            batch = rec if own_batch is None else own_batch(rec)
+            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn, batch, pb.part.ids)
             o, G_sum = stream_contract(bg, H, c.gain, pb.groups, pb.plan.train_budget,
                                        sub_groups)                        # [G, m*Kc, U]
             release_freed_memory(th.device)
+            if first and reduce_batch_gradient is not None:
+                G_sum = reduce_batch_gradient(G_sum)
             if first and check_identity:
                 acc.identity.step(s, c, rec, th, delta, th + delta, G_sum, backward=True)
             present = bg.present
             ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
+            if not book_reg:
+                ro.zero_()
             acc.add_gradient_step(s, present, idx, ks,
                                   o.reshape(G, m, kc, -1).permute(0, 3, 1, 2),  # [G, U, m, Kc]
                                   ro.reshape(G, m, kc))

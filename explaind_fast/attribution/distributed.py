@@ -35,6 +35,10 @@ and then takes a share of it, chosen by :func:`choose_split`:
   pushes their tangents; the tangents of r_s and Δ_s go round robin. The batch gradient Σ_p G_s[p]
   (for the step-identity certificate) and φ_s·Δ_s are summed over ranks each step.
 
+The "steps", "rows" and "partitions" splits run :mod:`.credit`'s loops through their hooks
+(a step range, a subset of row chunks with φ_s·Δ_s summed over ranks, a batch restricted to this
+rank's partitions); "tangents" keeps its own loop (it splits the moment recursion itself).
+
 At the end every rank exchanges an ok/error status (all_gather_object); if any rank failed, every
 rank raises :class:`DistributedAttributionError` naming the failed ranks (the error is the
 original exception, re-raised, when every rank failed with the same message: a bad argument).
@@ -58,12 +62,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ..optim import BackwardRecursion, MomentRecursion, RegRecursion, phi_all_from_update
+from ..optim import MomentRecursion, RegRecursion
 from .accumulator import Accumulator
 from .contraction import (TANGENTS_PER_CALL, forward_contract, group_ids, group_tangent,
-                          reverse_phi, row_chunks, segment_contract)
-from .credit import gradient_credit, update_credit
-from .train_side import partition_gradients, subsampled_reg
+                          row_chunks)
+from .credit import gradient_credit, stream_moments, update_credit
+from .train_side import BatchGradients, release_freed_memory, subsampled_reg
 
 #: quadrature rules whose nodes for step s depend on step s only (a step range may start anywhere)
 STEP_LOCAL_RULES = ("midpoint", "gauss-legendre", "adaptive", "callable")
@@ -380,49 +384,10 @@ def _run_rows(ctx: Context, pb, acc: Accumulator, bar) -> None:
 
 
 def _rows_update(ctx: Context, pb, acc: Accumulator, bar, mine) -> None:
-    """Reverse mode, update credit: every step on every rank, this rank's rows."""
-    traj, rule, P, D, G = pb.traj, pb.traj.rule, pb.P, pb.D, pb.G
-    opts = dict(dtype=pb.dtype, device=pb.device)
-    moments = MomentRecursion(P, D, **opts) if pb.per_sample_data else None
-    reg = RegRecursion(D, **opts)
-    th_next = traj.theta(0, **opts)
-    for s in range(pb.N):
-        th = th_next
-        th_next = traj.theta(s + 1, **opts)
-        delta = th_next - th
-        B = torch.empty(P + 1, D, **opts)
-        if traj.checkpoint_every != 1:
-            r = subsampled_reg(traj, s, reg, **opts)
-        else:
-            rec = traj.step(s)
-            c = rule.coefficients(rec, **opts)
-            r = reg.step_with(c, th)
-        if pb.per_sample_data:
-            present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, rec, pb.part.ids)
-            if ctx.rank == 0:
-                acc.identity.step(s, c, rec, th, delta, th_next, Gp.sum(0))
-            moments.step(c, Gp, present)
-            moments.phi(c, out=B[:P])
-        else:
-            phi_all_from_update(delta, r, out=B[0])
-        B[P] = r
-        nodes = acc.nodes(s, th, delta, deferred=True)
-        while nodes is not None:
-            out = torch.zeros(G, P + 1, pb.M, pb.K, **opts)
-            jd = torch.zeros(pb.M, pb.K, **opts)
-            for idx, ks in mine:
-                phi = reverse_phi(pb.tf, th, delta, nodes, idx, pb.plan.pair_chunk, ks)
-                m, kc = phi.shape[:2]
-                rows = phi.reshape(m * kc, -1)
-                o = segment_contract(rows, B, pb.groups)                 # [G, m*Kc, P+1]
-                out[:, :, idx, ks] = o.reshape(G, m, kc, P + 1).permute(0, 3, 1, 2)
-                jd[idx, ks] = (rows @ delta).reshape(m, kc)
-            ctx.sum_(jd)                              # disjoint rows: exact; every rank the same
-            acc.ev_jvp[s] += nodes.num_nodes * pb.M * pb.K
-            nodes = acc.refine(s, jd)
-        acc.add_update_step(s, out)
-        acc.certify(s, jd)
-        bar.update(1)
+    """Reverse mode, update credit: credit.py's loop over every step on every rank, this rank's
+    row chunks; φ_s·Δ_s summed over the ranks before the rule's residual check (disjoint rows:
+    exact, the same on every rank); rank 0 runs the identity check and keeps the counters."""
+    update_credit(pb, acc, bar, chunks=mine, reduce_jd=ctx.sum_, check_identity=ctx.rank == 0)
     _keep_counters(acc, torch.full((pb.N,), ctx.rank == 0))
 
 
@@ -441,57 +406,17 @@ def _rows_gradient(ctx: Context, pb, acc: Accumulator, bar, mine) -> None:
 
 # ---------------------------------------------------------------------------------- "partitions"
 def _run_partitions(ctx: Context, pb, acc: Accumulator, bar) -> None:
-    """Gradient credit when the batch gradients dominate: every rank every row chunk of the plan
-    (the same φ rows and backward recursion as one process), the gradients and contributions of
-    the partitions p ≡ rank (mod W) only; the regularisation on rank 0; Σ_p G_s[p] summed over
-    ranks for rank 0's step identity (first chunk)."""
-    traj, rule, G, P, D = pb.traj, pb.traj.rule, pb.G, pb.P, pb.D
-    opts = dict(dtype=pb.dtype, device=pb.device)
+    """Gradient credit when the batch gradients dominate: credit.py's loop on every rank over
+    every row chunk of the plan (the same φ rows and backward recursion as one process), the
+    batch gradients and contributions of the partitions p ≡ rank (mod W) only; the
+    regularisation on rank 0; Σ_p G_s[p] summed over ranks for rank 0's step identity."""
     me, W = ctx.rank, ctx.world
-    owned = torch.zeros(P, dtype=torch.bool)
+    owned = torch.zeros(pb.P, dtype=torch.bool)
     owned[me::W] = True
     part_ids = pb.part.ids.cpu()
-    nodes_of = {}
-    for idx, ks in row_chunks(pb.M, pb.K, pb.plan.sample_chunk, pb.plan.output_chunk):
-        first = not nodes_of
-        recursion = BackwardRecursion()
-        th_next = traj.theta(pb.N, **opts)
-        for s in reversed(range(pb.N)):
-            th = traj.theta(s, **opts)
-            delta = th_next - th
-            th_next = th
-            rec = traj.step(s)
-            c = rule.coefficients(rec, **opts)
-            if s not in nodes_of:
-                nodes_of[s] = acc.nodes(s, th, delta)
-            nodes = nodes_of[s]
-            acc.ev_nodes[s] = nodes.num_nodes
-            phi = reverse_phi(pb.tf, th, delta, nodes, idx, pb.plan.pair_chunk, ks)
-            m, kc = phi.shape[:2]
-            acc.ev_jvp[s] += nodes.num_nodes * m * kc
-            rows = phi.reshape(m * kc, -1)
-            H, Hreg = recursion.step(c, rows)
-            sub = _own_batch(rec, part_ids, owned)
-            if len(sub.batch_indices):
-                present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, sub,
-                                                  pb.part.ids)
-            else:
-                present, Gp = torch.zeros(0, dtype=torch.int64), torch.zeros(0, D, **opts)
-            if first:
-                g_sum = ctx.sum_(Gp.sum(0) if len(Gp) else torch.zeros(D, **opts))
-                if me == 0:
-                    acc.identity.step(s, c, rec, th, delta, th + delta, g_sum, backward=True)
-            o = segment_contract(H, c.gain[None] * Gp, pb.groups) if len(Gp) else \
-                torch.zeros(G, m * kc, 0, **opts)
-            ro = segment_contract(Hreg, (c.reg_gain * th)[None], pb.groups)
-            if me != 0:
-                ro = torch.zeros_like(ro)
-            acc.add_gradient_step(s, present, idx, ks,
-                                  o.reshape(G, m, kc, o.shape[-1]).permute(0, 3, 1, 2),
-                                  ro.reshape(G, m, kc))
-            acc.certify(s, (rows @ delta).reshape(m, kc), idx, ks)
-            if first:
-                bar.update(1)
+    gradient_credit(pb, acc, bar, check_identity=me == 0,
+                    own_batch=lambda rec: _own_batch(rec, part_ids, owned),
+                    reduce_batch_gradient=ctx.sum_, book_reg=me == 0)
     if me != 0:             # the rows, the nodes, the residuals: the same on every rank
         _keep_counters(acc, torch.zeros(pb.N, dtype=torch.bool))
 
@@ -519,6 +444,7 @@ def _run_tangents(ctx: Context, pb, acc: Accumulator, bar) -> None:
         local_of = torch.full((P,), -1, dtype=torch.int64)
         local_of[own_parts] = torch.arange(len(own_parts))
         part_ids = pb.part.ids.cpu()
+        local_ids = local_of[part_ids]              # sample -> row of this rank's moments
         moments = MomentRecursion(len(own_parts), D, **opts)
         Phi = torch.empty(len(own_parts), D, **opts)
     th_next = traj.theta(0, **opts)
@@ -534,18 +460,12 @@ def _run_tangents(ctx: Context, pb, acc: Accumulator, bar) -> None:
             r = reg.step_with(c, th)
         # tangents: (vector, group or -1, [(g, p, sign) of res] , adds to φ·Δ)
         if pb.per_sample_data:
-            sub = _own_batch(rec, part_ids, owned)
-            if len(sub.batch_indices):
-                present, Gp = partition_gradients(pb.fm, th, pb.train, pb.loss_fn, sub,
-                                                  pb.part.ids)
-                g_sum = Gp.sum(0)
-            else:
-                present, Gp = torch.zeros(0, dtype=torch.int64), torch.zeros(0, D, **opts)
-                g_sum = torch.zeros(D, **opts)
-            ctx.sum_(g_sum)                                     # Σ_p G_s[p] over all ranks
+            bg = BatchGradients(pb.fm, th, pb.train, pb.loss_fn,
+                                _own_batch(rec, part_ids, owned), local_ids)
+            g_sum = ctx.sum_(stream_moments(bg, moments, c, pb.plan.train_budget))  # all ranks
+            release_freed_memory(th.device)
             if me == 0:
                 acc.identity.step(s, c, rec, th, delta, th_next, g_sum)
-            moments.step(c, Gp, local_of[present.cpu()].to(pb.device))
             moments.phi(c, out=Phi)
             vecs = [(Phi[i], g, [(g, int(p), 1.0)], False)
                     for g in range(G) for i, p in enumerate(own_parts.tolist())]

@@ -186,6 +186,9 @@ class BatchGradients:
         D = th.shape[0]
         itemsize = th.element_size()
         total = torch.zeros(D, dtype=th.dtype, device=th.device)
+        if len(self.idx) == 0:               # an empty batch (a rank that owns none of it)
+            self.slabs = []
+            return total
         if self.per_sample:
             lay = self.fm.layout
             if slabs is None:

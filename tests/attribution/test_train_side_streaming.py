@@ -6,6 +6,8 @@ to the consumer (the update-credit moment state, the gradient-credit contraction
 Only the summation order differs from the reference: ≤ 1e-12 relative in float64. A dispatch-mode
 probe checks that no tensor of batch × D numbers is ever produced while streaming.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -127,6 +129,21 @@ def test_stream_equals_unstreamed_gradients(run, data):
                 assert all(shape[0] == 1 for _, _, shape in seen)
     if isinstance(run[0], Branchy) and data == "sample":
         assert not fm.vectorize and fm.loop_reason          # the loop fallback did run
+
+
+@pytest.mark.parametrize("data", ["sample", "label"])
+def test_empty_batch_hands_over_nothing(run, data):
+    """A batch restricted to partitions a rank does not hold (the distributed splits) may be
+    empty: nothing is handed over and the batch gradient is zero."""
+    fm, ts, traj = _setup(run)
+    part = parse_data(data, ts.n, ts.Y)
+    rec = traj.step(0)
+    empty = dataclasses.replace(rec, batch_indices=rec.batch_indices[:0],
+                                batch_weights=rec.batch_weights[:0])
+    bg = BatchGradients(fm, traj.theta(0, dtype=DT), ts, ce, empty, part.ids)
+    out, total, seen = _collect(bg, budget=1)
+    assert seen == [] and out.shape == (0, traj.layout.D)
+    assert torch.equal(total, torch.zeros(traj.layout.D, dtype=DT))
 
 
 def test_budget_chooses_slabs():
