@@ -161,3 +161,34 @@ def step_identity_errors(traj, model, X, Y, num_partitions=3):
         steps.append(float(delta.abs().max()))
         thetas.append(float(theta_next.abs().max()))
     return errors, steps, thetas
+
+
+def check_path_function(pf, tf, theta, delta, sample, t, V, tq, tol=1e-12,
+                        jacobians: bool = False) -> None:
+    """Assert that a :class:`~explaind_fast.quadrature.pathmode.PathFunction` evaluates like the
+    model at materialised parameters θ + tΔ: values and JVPs of the rows (sample[r], t[r]), JVPs
+    at the shared nodes ``tq`` (split and unsplit), and, with ``jacobians``, the per-row
+    Jacobians. ``tol`` relative to each quantity's largest entry (the two sides evaluate the same
+    products in a different order: rounding only)."""
+    from torch.func import jacrev, jvp
+
+    def close(got, ref, what):
+        err = float((got - ref).abs().max())
+        assert err <= tol * max(float(ref.abs().max()), 1e-300), (what, err)
+
+    def single(th, r):
+        return tf.single(th, tf.X[sample[r]], None)
+    rows = range(len(sample))
+    close(pf.values(sample, t), torch.stack([single(theta + t[r] * delta, r) for r in rows]),
+          "values")
+    close(pf.jvp_rows(sample, t, V),
+          torch.stack([torch.stack([jvp(lambda a: single(a, r), (theta + t[r] * delta,),
+                                        (v,))[1] for r in rows]) for v in V]), "jvp_rows")
+    if jacobians:
+        close(pf.jacobian_rows(sample, t),
+              torch.stack([jacrev(lambda a: single(a, r))(theta + t[r] * delta) for r in rows]),
+              "jacobian_rows")
+    shared = torch.stack([torch.stack([jvp(tf.values, (theta + q * delta,), (v,))[1]
+                                       for q in tq]) for v in V])
+    for split in (False, True):
+        close(pf.jvp_shared(tq, slice(None), V, split=split), shared, f"jvp_shared split={split}")

@@ -18,14 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import jvp
 
 from explaind_fast.attribution import attribute
 from explaind_fast.attribution.granularity import parse_data, parse_output, parse_params, parse_steps
 from explaind_fast.model import FunctionalModel, ParamLayout, TestFunction
 from explaind_fast.quadrature.kinks import find_kinks, nodes_from_breakpoints
 from explaind_fast.quadrature.pathmode import PathFunction
-from explaind_fast.testing.naive import naive_tensor
+from explaind_fast.testing.naive import check_path_function, naive_tensor
 from explaind_fast.testing.runs import per_sample_cross_entropy as ce
 from explaind_fast.testing.runs import train_tiny
 
@@ -67,20 +66,7 @@ def test_split_convolutions_and_eval_batch_norm_equal_materialised_parameters():
     sample = torch.tensor([0, 3, 4, 1, 3])
     t = torch.tensor([0.1, 0.9, 0.5, 0.0, 1.0], dtype=DT)
     V = torch.randn(3, th.shape[0], generator=g, dtype=DT)
-
-    def single(theta, r):
-        return tf.single(theta, tf.X[sample[r]], None)
-    vals = torch.stack([single(th + t[r] * dl, r) for r in range(5)])
-    jv = torch.stack([torch.stack([jvp(lambda a: single(a, r), (th + t[r] * dl,), (v,))[1]
-                                   for r in range(5)]) for v in V])
-    assert (pf.values(sample, t) - vals).abs().max() < 1e-12 * float(vals.abs().max())
-    assert (pf.jvp_rows(sample, t, V) - jv).abs().max() < 1e-12 * float(jv.abs().max())
-    tq = torch.tensor([0.25, 0.8], dtype=DT)
-    shared = torch.stack([torch.stack([jvp(tf.values, (th + q * dl,), (v,))[1] for q in tq])
-                          for v in V])
-    for split in (False, True):
-        got = pf.jvp_shared(tq, slice(None), V, split=split)
-        assert (got - shared).abs().max() < 1e-12 * float(shared.abs().max()), split
+    check_path_function(pf, tf, th, dl, sample, t, V, torch.tensor([0.25, 0.8], dtype=DT))
 
 
 def test_split_convolution_of_an_unbatched_input():

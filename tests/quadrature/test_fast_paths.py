@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import jacrev, jvp
 
 from explaind_fast.attribution import attribute
 from explaind_fast.attribution.granularity import parse_data, parse_output, parse_params, parse_steps
@@ -33,7 +32,7 @@ from explaind_fast.quadrature.kinks.patterns import (Patterns, affine_in_pattern
                                                      soft_masks)
 from explaind_fast.quadrature.pathmode import PathFunction
 from explaind_fast.quadrature.rules import AutoRule, GaussLegendreCheckedRule, KinkRule
-from explaind_fast.testing.naive import naive_tensor
+from explaind_fast.testing.naive import check_path_function, naive_tensor
 from explaind_fast.testing.runs import tiny_mlp_run, tiny_transformer_run
 
 DT = torch.float64
@@ -97,27 +96,12 @@ def test_path_function_equals_materialised_parameters():
     sample = torch.tensor([0, 3, 4, 1, 3])
     t = torch.tensor([0.1, 0.9, 0.5, 0.0, 1.0], dtype=DT)
     V = torch.randn(3, th.shape[0], generator=torch.Generator().manual_seed(2), dtype=DT)
-
-    def single(theta, r):
-        return tf.single(theta, tf.X[sample[r]], None)
-    vals = torch.stack([single(th + t[r] * dl, r) for r in range(5)])
-    jv = torch.stack([torch.stack([jvp(lambda a: single(a, r), (th + t[r] * dl,), (v,))[1]
-                                   for r in range(5)]) for v in V])
-    jac = torch.stack([jacrev(lambda a: single(a, r))(th + t[r] * dl) for r in range(5)])
-    scale = float(vals.abs().max())
-    assert (pf.values(sample, t) - vals).abs().max() < 1e-12 * scale
-    assert (pf.jvp_rows(sample, t, V) - jv).abs().max() < 1e-12 * float(jv.abs().max())
-    assert (pf.jacobian_rows(sample, t) - jac).abs().max() < 1e-12 * float(jac.abs().max())
+    check_path_function(pf, tf, th, dl, sample, t, V, torch.tensor([0.25, 0.8], dtype=DT),
+                        jacobians=True)
     by_tensor = pf.jacobian_rows_by_tensor(sample, t, slice(1, 3))      # per tensor, outputs 1:3
     assert list(by_tensor) == list(tf.fm.layout.names)
     flat = torch.cat([j.reshape(5, 2, -1) for j in by_tensor.values()], dim=-1)
     assert torch.equal(flat, pf.jacobian_rows(sample, t, slice(1, 3)))  # same numbers, bit for bit
-    tq = torch.tensor([0.25, 0.8], dtype=DT)
-    shared = torch.stack([torch.stack([jvp(tf.values, (th + q * dl,), (v,))[1] for q in tq])
-                          for v in V])
-    for split in (False, True):
-        got = pf.jvp_shared(tq, slice(None), V, split=split)
-        assert (got - shared).abs().max() < 1e-12 * float(shared.abs().max()), split
 
 
 class ConvBN(nn.Module):
