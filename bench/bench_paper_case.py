@@ -11,6 +11,11 @@ interleaved runs, medians). Prints seconds per test sample, the speed-up against
 relative quadrature residual per step (max over steps) and what "auto" chose; writes
 bench/results/paper_case_cpu.json (``--out``) with the environment row.
 
+Then the compute floor of midpoint:100 on this machine (:func:`compute_floor`): the
+matrix-product FLOPs per test sample counted by torch.utils.flop_counter, divided by the best
+speed of one GEMM of the model's largest shape on one thread — the time no implementation of the
+same evaluations can beat here, and so the largest speed-up over 210 s this machine allows.
+
     python bench/bench_paper_case.py                       # float64, 100 test samples
     python bench/bench_paper_case.py --dtype float32
 """
@@ -20,6 +25,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 import warnings
 
 import torch
@@ -41,6 +47,32 @@ def record(directory: str, dtype: torch.dtype, steps: int, threads: int):
     return cfg, data, model, tr
 
 
+def compute_floor(run_attribution, X, dtype, samples: int = 40) -> dict:
+    """The time midpoint:100 cannot beat on this machine: the matrix-product FLOPs of one
+    attribution per test sample (torch.utils.flop_counter.FlopCounterMode over a run on
+    ``samples`` test samples: enough that the planner takes the path it takes for the full set)
+    divided by the best throughput of one GEMM of the model's largest shape ([rows, 64] × [64,
+    512], d_model × d_mlp) on one thread. Element-wise work is not counted: a lower bound."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n = min(samples, len(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with FlopCounterMode(display=False) as counter:
+            run_attribution(X[:n])
+    flops = counter.get_total_flops() / n
+    a = torch.randn(10_000, 64, dtype=dtype)
+    b = torch.randn(64, 512, dtype=dtype)
+    best = float("inf")
+    for _ in range(7):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    gflops = 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e9
+    return {"gemm_flops_per_test_sample": flops, "gemm_gflops": gflops,
+            "gemm_shape": "[10000, 64] x [64, 512]", "counted_on_test_samples": n,
+            "seconds_per_test_sample": flops / (gflops * 1e9)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--test", type=int, default=100, help="test samples attributed")
@@ -50,6 +82,8 @@ def main(argv=None):
                     help="comma-separated; 'default' = attribute()'s default (quadrature='auto')")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved timed runs per rule")
     ap.add_argument("--train-threads", type=int, default=None, help="threads while recording")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the compute floor of midpoint:100 (FLOP count and GEMM speed)")
     ap.add_argument("--out", default="paper_case_cpu.json",
                     help="results file (a bare name: bench/results/<name>); '' = none")
     args = ap.parse_args(argv)
@@ -113,6 +147,21 @@ def main(argv=None):
                   f"{row['max_step_residual_rel']:.1e} | {row['nodes_per_step']:.1f} |")
         by = {r["rule"]: r for r in rows}
         summary = {}
+        if "midpoint:100" in by and args.floor:
+            floor = compute_floor(lambda X_: attribute(model, traj, X_, params="all", data="all",
+                                                       steps="each", output="logits",
+                                                       progress=False, quadrature="midpoint:100"),
+                                  X, dtype)
+            by["midpoint:100"]["compute_floor"] = floor
+            print(f"# midpoint:100 compute floor: {floor['gemm_flops_per_test_sample'] / 1e9:.2f} "
+                  f"GFLOP of matrix products per test sample (torch.utils.flop_counter) at "
+                  f"{floor['gemm_gflops'] :.1f} GFLOP/s (the best of {floor['gemm_shape']} "
+                  f"matrix products on this machine, one thread): ≥ "
+                  f"{floor['seconds_per_test_sample']:.3f} s per test sample, at most "
+                  f"{OFFICIAL_SECONDS_PER_SAMPLE / floor['seconds_per_test_sample']:.0f}x the "
+                  f"official 210 s; measured {by['midpoint:100']['seconds_per_test_sample']:.3f} s "
+                  f"({floor['seconds_per_test_sample'] / by['midpoint:100']['seconds_per_test_sample']:.0%} "
+                  f"of the floor's speed)")
         if "midpoint:100" in by:
             mp = by["midpoint:100"]
             summary["midpoint100_target_s_per_sample"] = OFFICIAL_SECONDS_PER_SAMPLE / TARGET_SPEEDUP
