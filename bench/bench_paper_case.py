@@ -16,12 +16,17 @@ matrix-product FLOPs per test sample counted by torch.utils.flop_counter, divide
 speed of one GEMM of the model's largest shape on one thread — the time no implementation of the
 same evaluations can beat here, and so the largest speed-up over 210 s this machine allows.
 
+With bench/results/official_code_cpu.json present (``python bench/bench_official_code.py`` on
+the same machine; ``--official``), midpoint:100 is also compared with the official code measured
+here (it runs in float32 only: the like-for-like comparison is ``--dtype float32``).
+
     python bench/bench_paper_case.py                       # float64, 100 test samples
     python bench/bench_paper_case.py --dtype float32
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -73,6 +78,21 @@ def compute_floor(run_attribution, X, dtype, samples: int = 40) -> dict:
             "seconds_per_test_sample": flops / (gflops * 1e9)}
 
 
+def same_machine_official(path: str):
+    """The official code's midpoint:100 seconds per test sample from bench_official_code.py's
+    results file (with its dtype, host and date), or None when there is none."""
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        got = json.load(f)
+    row = got["rows"][0]
+    env = got.get("environment", {})
+    return {"file": os.path.relpath(path), "seconds_per_test_sample": row["seconds_per_test_sample"],
+            "dtype": row["dtype"], "test_samples": row["test_samples"],
+            "host": env.get("host"), "date_utc": env.get("date_utc"),
+            "load_average": env.get("load_average")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--test", type=int, default=100, help="test samples attributed")
@@ -84,6 +104,9 @@ def main(argv=None):
     ap.add_argument("--train-threads", type=int, default=None, help="threads while recording")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the compute floor of midpoint:100 (FLOP count and GEMM speed)")
+    ap.add_argument("--official", default=os.path.join(bm.RESULTS_DIR, "official_code_cpu.json"),
+                    help="results of bench_official_code.py on this machine (same-machine "
+                         "speed-up; '' = none; skipped when the file is absent)")
     ap.add_argument("--out", default="paper_case_cpu.json",
                     help="results file (a bare name: bench/results/<name>); '' = none")
     args = ap.parse_args(argv)
@@ -169,6 +192,14 @@ def main(argv=None):
             if "default" in by:
                 summary["default_over_midpoint100_wall"] = (by["default"]["seconds_per_test_sample"]
                                                             / mp["seconds_per_test_sample"])
+        official = same_machine_official(args.official)
+        if official and "midpoint:100" in by:
+            mp = by["midpoint:100"]
+            mp["speedup_vs_official_same_machine"] = (official["seconds_per_test_sample"]
+                                                      / mp["seconds_per_test_sample"])
+            summary["official_same_machine"] = official
+            summary["midpoint100_speedup_vs_official_same_machine"] = \
+                mp["speedup_vs_official_same_machine"]
         for k, v in summary.items():
             print(f"# {k}: {v}")
         result = {"case": {"p": cfg.p, "D": traj.layout.D, "n_train": cfg.n_train,
