@@ -85,6 +85,10 @@ class Plan:
     #: per-sample gradients per batch (1: the whole θ at once, no streaming)
     train_batch: int = 0
     train_slabs: int = 1
+    #: kink search (kink-aware rules): numbers one vmapped call of the switching-value capture may
+    #: hold (rows × 8·K; :class:`explaind_fast.quadrature.kinks.capture._Path`), the budget left
+    #: beside the floor, at most SEARCH_MAX_ELEMS
+    search_elems: int = 0
 
     def to_dict(self):
         return asdict(self)
@@ -141,6 +145,10 @@ def floor_vectors(*, P, itemsize, credit, data_all, grouped=True, coef_vectors=0
     if not grouped:
         n += 2 * 8 / itemsize
     return n
+
+
+#: numbers one call of the kink search's capture holds at most (rows × 8·K; 128 MiB in float64)
+SEARCH_MAX_ELEMS = 1 << 24
 
 
 class BudgetError(ValueError):
@@ -238,4 +246,5 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     return Plan(mode=mode, credit=credit, memory_budget=budget, tangent_chunk=int(t_chunk),
                 sample_chunk=int(m_chunk), output_chunk=int(k_chunk), pair_chunk=int(pair_chunk),
                 estimates=est, eval_chunk=eval_chunk, train_budget=int(train_budget),
-                train_batch=int(batch), train_slabs=len(slabs))
+                train_batch=int(batch), train_slabs=len(slabs),
+                search_elems=int(max(1, min(SEARCH_MAX_ELEMS, avail // itemsize))))

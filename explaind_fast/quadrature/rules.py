@@ -237,6 +237,9 @@ class KinkRule(QuadratureRule):
     """
 
     kind = "kinks"
+    #: numbers one call of the search's switching-value capture may hold (the planner's
+    #: ``search_elems``, set by the engine from memory_budget)
+    search_elems = 1 << 24
 
     def __init__(self, text: str, n: int, activations=None, soft: bool = True,
                  check_tol: Optional[float] = None):
@@ -260,7 +263,7 @@ class KinkRule(QuadratureRule):
                               and self._path.fm is fm
                               and self._path.theta.dtype == step.theta.dtype) else None
         path = _Path(fm.model, fm.layout, step.theta, step.delta, step.path.X, self.activations,
-                     1 << 24, like=like, fm=fm)
+                     self.search_elems, like=like, fm=fm)
         self._path = path
         if path.unseen and not getattr(self, "_warned", False):
             import warnings
@@ -364,6 +367,7 @@ class AutoRule(QuadratureRule):
     chosen (``Attribution.quadrature``), the per-step residual is ``Attribution.step_residual``."""
 
     kind = "auto"
+    search_elems = KinkRule.search_elems          # handed to the kink-aware rule it chooses
 
     def __init__(self, text: str = "auto", activations=None):
         super().__init__(text)
@@ -376,10 +380,11 @@ class AutoRule(QuadratureRule):
         from .kinks.capture import _Path
         fm = step.path.fm
         probe = _Path(fm.model, fm.layout, step.theta, step.delta, step.path.X, self.activations,
-                      1 << 24, fm=fm)
+                      self.search_elems, fm=fm)
         if probe.K > 0:
             ops = sorted({b[0] for b in probe.blocks if b is not None})
             self.chosen = KinkRule("kinks:3", 3, activations=self.activations)
+            self.chosen.search_elems = self.search_elems
             self.why = f"piecewise ops {', '.join(ops)}"
         else:
             self.chosen = GaussLegendreCheckedRule()

@@ -134,3 +134,25 @@ def test_contiguous_groups_store_no_coordinate_map(mlp):
     assert torch.equal(g.ids, expect)
     n = parse_params("neuron", lay)                        # interleaved groups: stored
     assert n.perm is not None and n.stored_ids is not None
+
+
+@pytest.mark.parametrize("rule", ["kinks:3", "auto"])
+def test_kink_search_capture_follows_the_budget(rule):
+    """The kink search's switching-value capture holds at most plan.search_elems numbers per
+    call (what the budget leaves beside the floor): at the minimum budget a few rows per call
+    instead of up to 4096, and the result equals the default plan's."""
+    from explaind_fast.attribution.planner import SEARCH_MAX_ELEMS
+    from explaind_fast.quadrature import parse_quadrature
+    model, traj, train, Xte, Yte, _ = tiny_mlp_run(act="relu", steps=2)
+    kw = dict(test_targets=Yte, train_data=train, params="tensor", steps="each", progress=False)
+    ref = attribute(model, traj, Xte, quadrature=rule, **kw)
+    assert ref.plan["search_elems"] == SEARCH_MAX_ELEMS          # 2 GiB default: the cap
+    q = parse_quadrature(rule)
+    small = attribute(model, traj, Xte, quadrature=q, memory_budget="minimum", **kw)
+    elems = small.plan["search_elems"]
+    assert 1 <= elems < SEARCH_MAX_ELEMS
+    kink_rule = q.chosen if rule == "auto" else q
+    assert kink_rule.search_elems == elems and kink_rule._path.chunk_elems == elems
+    assert kink_rule._path._row_chunk() == max(1, min(4096, elems // (8 * kink_rule._path.K)))
+    _close(small.kernel, ref.kernel)
+    _close(small.reg, ref.reg)
