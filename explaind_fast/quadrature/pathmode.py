@@ -519,10 +519,21 @@ class PathFunction:
         tt = t.to(self.theta_s)
         delta = self.delta
 
+        mu_dim = None if mu is None else 0
+        if not split:
+            # θ(t_q) once per node, vmap over the nodes *outside* the JVP: a tangent then stays
+            # unbatched over the nodes, so x_q·dWᵀ is one GEMM over all (node, sample) rows
+            # instead of a batched GEMM with dW copied per node (1.3× in float32, equal in float64)
+            thetas = self.theta_s[None] + tt[:, None] * delta[None]               # [q, D]
+
+            def node(theta_q, m1):
+                def f(theta):
+                    return self._call(theta, None, X, tg, m1, along_path=False)
+                return vmap(lambda v: jvp(f, (theta_q,), (v,))[1])(tangents)     # [T, m, K]
+            return vmap(node, in_dims=(0, mu_dim))(thetas, mu).transpose(0, 1)   # [T, q, m, K]
+
         def nodes(theta):                 # the samples are the model's batch: no loop needed
             def at(t1, m1):
-                if split:
-                    return self._call(theta, t1, X, tg, m1)
-                return self._call(theta + t1 * delta, None, X, tg, m1, along_path=False)
-            return vmap(at, in_dims=(0, None if mu is None else 0))(tt, mu)
+                return self._call(theta, t1, X, tg, m1)
+            return vmap(at, in_dims=(0, mu_dim))(tt, mu)
         return vmap(lambda v: jvp(nodes, (self.theta_s,), (v,))[1])(tangents)

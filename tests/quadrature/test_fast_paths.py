@@ -211,8 +211,10 @@ def test_soft_patterns_match_closed_form_in_any_direction():
     exact = torch.stack([_closed_form(layout, th, dl, x, v) for v in V])
     for Q in (3, 8):           # the smooth parts are quadratic in t: 3 nodes interpolate them
         t, w, mu = soft_masks(k, Q)
-        got = torch.tensordot(pf.jvp_shared(t, slice(None), V, mu), w, dims=([1], [0]))
-        assert (got - exact).abs().max() < 1e-12 * float(exact.abs().max()), Q
+        for split in (True, False):        # rows folded into the batch / θ(t_q) per node
+            got = torch.tensordot(pf.jvp_shared(t, slice(None), V, mu, split=split), w,
+                                  dims=([1], [0]))
+            assert (got - exact).abs().max() < 1e-12 * float(exact.abs().max()), (Q, split)
     # the same nodes without the patterns are far off (the test can fail)
     t, w, _ = soft_masks(k, 8)
     blind = torch.tensordot(pf.jvp_shared(t, slice(None), V), w, dims=([1], [0]))
