@@ -49,8 +49,8 @@ def forward_contract(tf: TestFunction, theta_s, delta, nodes: NodeSet, tangents:
 
     Shared nodes: θ(t_q) is formed once per node and all m samples are batched;
     max(1, max_evals // T) nodes per call (max_evals: JVP evaluations over all m samples per call,
-    the planner's tangent_chunk; None = all nodes at once), vmap over tangents outside, jvp, vmap
-    over nodes inside (the primal runs once for all tangents). Soft activation patterns
+    the planner's tangent_chunk; None = all nodes at once), the primal once per node for all
+    tangents (:meth:`PathFunction.jvp_shared`). Soft activation patterns
     (``nodes.patterns``) are applied per (node, sample). Memory ≈ itemsize·(q_c·D + q_c·T·2·m·A).
     Per-sample nodes: every (sample, node) pair with a non-zero weight is one row (the padding of
     shorter rules is skipped), evaluated at θ_s + t Δ_s with shared weights

@@ -25,7 +25,9 @@ p_s + tΔp (correct for every op, only slower). It also
 :class:`PathFunction` wraps a test function and one step's segment and evaluates rows in the three
 shapes the engine needs: values, JVPs along a batch of tangents, and per-row Jacobians.
 Evaluation order: ``vmap`` over tangents outside, ``jvp`` inside, ``vmap`` over rows innermost, so
-the primal runs once for all tangents and the weights are shared by all rows.
+the primal runs once for all tangents and the weights are shared by all rows; at shared nodes
+with θ(t_q) formed per node, ``vmap`` over the nodes outside, then tangents, then ``jvp`` (a
+tangent is then not copied per node).
 """
 from __future__ import annotations
 
@@ -523,7 +525,8 @@ class PathFunction:
         if not split:
             # θ(t_q) once per node, vmap over the nodes *outside* the JVP: a tangent then stays
             # unbatched over the nodes, so x_q·dWᵀ is one GEMM over all (node, sample) rows
-            # instead of a batched GEMM with dW copied per node (1.3× in float32, equal in float64)
+            # instead of a batched GEMM with dW copied per node (paper case, midpoint:100: float32
+            # 1.16× faster, float64 unchanged within noise; bench/results/paper_case_node_order_ab.txt)
             thetas = self.theta_s[None] + tt[:, None] * delta[None]               # [q, D]
 
             def node(theta_q, m1):
