@@ -251,9 +251,7 @@ class IdentityCheck:
             # waiting base and coef, 2 D-vectors, instead of 3 and the masks)
             if self._wait is not None:
                 wbase, wcoef, wstep = self._wait
-                den = torch.where(c.scale == 0, torch.ones_like(c.scale), c.scale)
-                kappa = (wcoef / den).abs_().max().to("cpu", torch.float64)
-                del den
+                kappa = torch.tensor(self._ratio_max(wcoef, c.scale), dtype=torch.float64)
                 rho = wcoef.mul_(m).add_(wbase).abs_().max().to("cpu", torch.float64)
                 self._err[wstep] = torch.maximum(self._err[wstep], rho)
                 self._kappa[wstep] = torch.maximum(self._kappa[wstep], kappa)
@@ -288,28 +286,25 @@ class IdentityCheck:
 
     @staticmethod
     def _ratio_max(coef, scale_prev) -> float:
+        """max |coef / scale_prev| (scale 0 counts as 1)."""
         ratio = coef / torch.where(scale_prev == 0, torch.ones_like(scale_prev), scale_prev)
-        return float(ratio.abs().max()) if ratio.numel() else 0.0
+        return float(ratio.abs_().max()) if ratio.numel() else 0.0
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._wait is not None and isinstance(self._wait[2], int):
-            wbase, _, wstep = self._wait
-            if wbase.numel():
-                self._err[wstep] = torch.maximum(self._err[wstep],
-                                                 wbase.abs().max().to("cpu", torch.float64))
-            self._wait = None
-            for s in sorted(self._sizes):
-                self._finish(s)
-            return
         if self._wait is not None:      # coordinates whose first active step is the run's first
             wbase, _, wstep = self._wait
-            sel = wstep >= 0
-            if bool(sel.any()):
-                self._err.scatter_reduce_(0, wstep[sel].cpu(),
-                                          wbase[sel].abs().to("cpu", torch.float64), "amax")
+            if isinstance(wstep, int):  # every coordinate waits for the same step
+                if wbase.numel():
+                    self._err[wstep] = torch.maximum(self._err[wstep],
+                                                     wbase.abs().max().to("cpu", torch.float64))
+            else:
+                sel = wstep >= 0
+                if bool(sel.any()):
+                    self._err.scatter_reduce_(0, wstep[sel].cpu(),
+                                              wbase[sel].abs().to("cpu", torch.float64), "amax")
             self._wait = None
             for s in sorted(self._sizes):
                 self._finish(s)
