@@ -204,6 +204,16 @@ class ParamLayout:
                              "trajectory's")
 
 
+def own_storage(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is contiguous and owns its whole storage, else a contiguous copy that
+    does. A flat θ that views a larger buffer (the store's memory-mapped step file) would keep
+    that buffer alive as long as θ, and forward AD gives every tangent of such a primal the
+    layout of its whole storage."""
+    whole = x.storage_offset() == 0 and \
+        x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    return x if (whole and x.is_contiguous()) else x.clone(memory_format=torch.contiguous_format)
+
+
 def _trainable(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
     """(canonical name, parameter) of the model's trainable parameters, in order."""
     return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]

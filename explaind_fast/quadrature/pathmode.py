@@ -41,6 +41,7 @@ from torch.func import jacrev, jvp, vmap
 from torch.overrides import TorchFunctionMode
 
 from ..model import inputs as _in
+from ..model.layout import own_storage
 
 # tensor-metadata queries that must see the parameter itself (never materialised)
 _METADATA = frozenset({"dim", "size", "numel", "stride", "is_contiguous", "is_floating_point",
@@ -326,16 +327,6 @@ _FOLD_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 SPLIT_BELOW_SAMPLES = 32
 
 
-def _own_storage(x: torch.Tensor) -> torch.Tensor:
-    """x itself when it is contiguous and owns its whole storage, else a copy that does. θ_s is
-    the primal of every JVP here, and forward AD gives each tangent the layout of the primal's
-    storage: a θ_s that views a larger buffer (the store's reader returns θ as a view into the
-    step's file buffer) would have every tangent copied into a buffer of that storage's size."""
-    whole = x.storage_offset() == 0 and \
-        x.untyped_storage().nbytes() == x.numel() * x.element_size()
-    return x if (whole and x.is_contiguous()) else x.clone(memory_format=torch.contiguous_format)
-
-
 def _repeat(tree, q: int):
     """Every tensor leaf repeated q times along dim 0 (row = copy·m + sample); other leaves kept."""
     return pytree.tree_map(lambda x: x.repeat((q,) + (1,) * (x.dim() - 1))
@@ -366,7 +357,8 @@ class PathFunction:
         self.X = _in.normalize(X)
         self.targets = None if targets is None else _in.normalize(targets)
         self.M = _in.batch_size(self.X, "test_inputs")
-        self.theta_s, self.delta = _own_storage(theta_s), delta.to(theta_s.dtype)
+        # θ_s is the primal of every JVP here: it must own its storage (own_storage)
+        self.theta_s, self.delta = own_storage(theta_s), delta.to(theta_s.dtype)
         self.layout = fm.layout
         self.dparams = self.layout.unflatten(self.delta)
         self.patterns = patterns

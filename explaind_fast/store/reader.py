@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..model import ParamLayout
+from ..model.layout import own_storage
 from ..optim import OptimizerRule, StepRecord, make_rule
 from . import _fs
 from .format import FORMAT_NAME, FORMAT_VERSION, INIT_FILE, LOG, MANIFEST, MAX_HEADER_BYTES, \
@@ -460,13 +461,9 @@ class Trajectory:
         """θ_s as a flat [D] tensor (storage dtype unless ``dtype``), s in 0..num_steps."""
         s = self._check_index(s, self.num_steps + 1, "state")
         t = self._read(None if s == 0 else s - 1, ["theta"])["theta"]
-        t = t.to(dtype=dtype or t.dtype, device=device)
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            # a view into the step file's mapping: copy, so that θ owns its memory (the mapping,
-            # header and other tensors included, is released now instead of living as long as θ,
-            # and forward AD does not size θ's tangents by the file's storage)
-            t = t.clone()
-        return t
+        # a view into the step file's mapping is copied, so that θ owns its memory (the mapping,
+        # header and other tensors included, is released now instead of living as long as θ)
+        return own_storage(t.to(dtype=dtype or t.dtype, device=device))
 
     def raw_steps(self, s: int) -> List[StepRecord]:
         """The raw optimizer steps inside stored update s: scalars and batches, no tensors of size

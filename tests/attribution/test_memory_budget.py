@@ -156,3 +156,21 @@ def test_kink_search_capture_follows_the_budget(rule):
     assert kink_rule._path._row_chunk() == max(1, min(4096, elems // (8 * kink_rule._path.K)))
     _close(small.kernel, ref.kernel)
     _close(small.reg, ref.reg)
+
+
+def test_theta_from_the_store_owns_its_memory(mlp):
+    """θ_s read from the store is not a view into the step file's mapping (which it would keep
+    alive, and whose size forward AD would give every tangent); own_storage copies only views."""
+    from explaind_fast.model.layout import own_storage
+    traj = mlp["traj"]
+    for s in (0, 1):
+        for dtype in (None, torch.float64):
+            t = traj.theta(s, dtype=dtype)
+            assert t.storage_offset() == 0 and t.is_contiguous()
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    buf = torch.arange(10.0)
+    assert own_storage(buf) is buf
+    for view in (buf[2:7], buf[::2], buf[:5]):
+        got = own_storage(view)
+        assert got is not view and torch.equal(got, view)
+        assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
