@@ -115,8 +115,8 @@ def _estimate(quick, name, budget_mib, hidden=1024):
 def run(quick=False, budgets=BUDGETS_MIB, cases=None, hiddens=(1024,)):
     rows = []
     for hidden in hiddens:
-        d_in, h, d_out = _shapes(quick, hidden)
-        D = d_in * h + h + h * h + h + h * d_out + d_out
+        h = _shapes(quick, hidden)[1]
+        D = sum(p.numel() for p in _model(quick, hidden=hidden).parameters())
         for name, _ in CASES:
             if cases and not any(c in name for c in cases):
                 continue
