@@ -81,7 +81,10 @@ def compute_floor(run_attribution, X, dtype, samples: int = 40) -> dict:
 def same_machine_official(path: str):
     """The official code's midpoint:100 seconds per test sample from bench_official_code.py's
     results file (with its dtype, host and date), or None when there is none."""
-    if not path or not os.path.exists(path):
+    if not path:
+        return None
+    path = str(bm.results_path(path))
+    if not os.path.exists(path):
         return None
     with open(path) as f:
         got = json.load(f)
@@ -105,7 +108,8 @@ def main(argv=None):
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the compute floor of midpoint:100 (FLOP count and GEMM speed)")
     ap.add_argument("--official", default=os.path.join(bm.RESULTS_DIR, "official_code_cpu.json"),
-                    help="results of bench_official_code.py on this machine (same-machine "
+                    help="results of bench_official_code.py on this machine (a bare name: "
+                         "bench/results/<name>; same-machine "
                          "speed-up; '' = none; skipped when the file is absent)")
     ap.add_argument("--out", default="paper_case_cpu.json",
                     help="results file (a bare name: bench/results/<name>); '' = none")
