@@ -39,10 +39,13 @@ from .contraction import TANGENTS_PER_CALL
 
 DEFAULT_BUDGET = 2 * 1024 ** 3
 MAX_PAIRS = 1024
-#: activations one forward-mode call may hold when it batches quadrature nodes (many small calls
-#: cost more than the work on a small test set; tensors past ~32 MB are mmap-ed and zeroed by
-#: the kernel on every call)
-NODE_BATCH_BYTES = 16 * 1024 ** 2
+#: activation numbers one forward-mode call may hold when it batches quadrature nodes: many small
+#: calls cost more than the work on a small test set, and past ~6M numbers the allocator hands
+#: freed memory back to the kernel, which zeroes it again page by page on the next call. A count
+#: of numbers, not bytes: the paper case's best on the CPU was 4M in float32 (16 MiB) and in
+#: float64 (32 MiB: midpoint:100 1.13x, the default rule 1.08x faster than at 16 MiB;
+#: bench/results/node_batch_ab_float64.json, node_batch_ab_float32.json)
+NODE_BATCH_NUMBERS = 4 * 1024 ** 2
 #: the share of the memory budget the per-sample gradients of one batch may hold (train side)
 TRAIN_SHARE = 4
 #: numbers held per per-sample gradient entry of a slab: vmap's output and its flat assembly, and
@@ -217,11 +220,10 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
                        "peak_bytes": base + rows_bytes + pairs_used * k_chunk * per_pair_row},
            "tangents": T, "activations_per_sample": A, "floor_bytes": base,
            "floor_vectors": n_floor, "minimum_budget": minimum}
-    # tangent × node evaluations per call: as many as the budget and NODE_BATCH_BYTES of
+    # tangent × node evaluations per call: as many as the budget and NODE_BATCH_NUMBERS of
     # activations (2·M·A numbers per evaluation) allow, at least one node of t_chunk tangents
     # (forward_step also calls with at most contraction.TANGENTS_PER_CALL tangents)
-    per_eval = itemsize * 2 * M * A
-    evals = min(avail // max(per_tangent, 1), NODE_BATCH_BYTES // max(per_eval, 1),
+    evals = min(avail // max(per_tangent, 1), NODE_BATCH_NUMBERS // max(2 * M * A, 1),
                 t_chunk * max(Q, 1) * 8)
     eval_chunk = max(int(t_chunk), int(evals))
     # the tangents forward_step really pushes per call (shared nodes: all Q nodes per call, so
