@@ -23,8 +23,8 @@ here (it runs in float32 only: the like-for-like comparison is ``--dtype float32
     python bench/bench_paper_case.py                       # float64, 100 test samples
     python bench/bench_paper_case.py --dtype float32
 
-``--node-batch 2,4`` runs every rule once per value of the planner's NODE_BATCH_NUMBERS (in Mi
-numbers), interleaved in one process (rows "rule @ 4Mi"): the A/B of that constant.
+``--node-batch 16,32`` runs every rule once per value of the planner's NODE_BATCH_BYTES (in MiB),
+interleaved in one process (rows "rule @ 32MiB"): the A/B of that constant.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def main(argv=None):
                          "bench/results/<name>; same-machine "
                          "speed-up; '' = none; skipped when the file is absent)")
     ap.add_argument("--node-batch", default="",
-                    help="comma-separated values of planner.NODE_BATCH_NUMBERS in Mi numbers, "
+                    help="comma-separated values of planner.NODE_BATCH_BYTES in MiB, "
                          "each rule run at each, interleaved (A/B); '' = the planner's")
     ap.add_argument("--out", default="paper_case_cpu.json",
                     help="results file (a bare name: bench/results/<name>); '' = none")
@@ -148,19 +148,19 @@ def main(argv=None):
         rules = [r for r in args.rules.split(",") if r]
         variants = [(r, None) for r in rules] if not batches else \
             [(r, b) for r in rules for b in batches]
-        rules = [r if b is None else f"{r} @ {b}Mi" for r, b in variants]
-        default_batch = planner.NODE_BATCH_NUMBERS
+        rules = [r if b is None else f"{r} @ {b}MiB" for r, b in variants]
+        default_batch = planner.NODE_BATCH_BYTES
         run("midpoint:2")                                              # warm-up
         samples = {r: [] for r in rules}
         last = {}
         for _ in range(args.repeats):
             for rule, (base_rule, batch) in zip(rules, variants):
-                planner.NODE_BATCH_NUMBERS = default_batch if batch is None else batch * 2 ** 20
+                planner.NODE_BATCH_BYTES = default_batch if batch is None else batch * 2 ** 20
                 try:
                     with bm.measure() as m:
                         a = run(base_rule)
                 finally:
-                    planner.NODE_BATCH_NUMBERS = default_batch
+                    planner.NODE_BATCH_BYTES = default_batch
                 samples[rule].append(m)
                 last[rule] = a
         rows = []

@@ -39,13 +39,13 @@ from .contraction import TANGENTS_PER_CALL
 
 DEFAULT_BUDGET = 2 * 1024 ** 3
 MAX_PAIRS = 1024
-#: activation numbers one forward-mode call may hold when it batches quadrature nodes: many small
-#: calls cost more than the work on a small test set, and past ~6M numbers the allocator hands
-#: freed memory back to the kernel, which zeroes it again page by page on the next call. A count
-#: of numbers, not bytes: the paper case's best on the CPU was 4M in float32 (16 MiB) and in
-#: float64 (32 MiB: midpoint:100 1.13x, the default rule 1.08x faster than at 16 MiB;
-#: bench/results/node_batch_ab_float64.json, node_batch_ab_float32.json)
-NODE_BATCH_NUMBERS = 4 * 1024 ** 2
+#: activation bytes one forward-mode call may hold when it batches quadrature nodes: many small
+#: calls cost more than the work on a small test set, and larger working sets make glibc hand
+#: freed memory back to the kernel, which zeroes it again page by page on the next call. Bytes,
+#: not numbers: 32 MiB in float64 made the paper case's midpoint:100 1.13x faster (no faults) but
+#: the grokking layer x step run (8 samples, 13 tangents) 18-29 % system time against 0-5 % at
+#: 16 MiB, and 24 MiB 9-13 % (bench/results/node_batch_ab_*.json, node_batch_layers_ab.txt)
+NODE_BATCH_BYTES = 16 * 1024 ** 2
 #: the share of the memory budget the per-sample gradients of one batch may hold (train side)
 TRAIN_SHARE = 4
 #: numbers held per per-sample gradient entry of a slab: vmap's output and its flat assembly, and
@@ -220,10 +220,10 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
                        "peak_bytes": base + rows_bytes + pairs_used * k_chunk * per_pair_row},
            "tangents": T, "activations_per_sample": A, "floor_bytes": base,
            "floor_vectors": n_floor, "minimum_budget": minimum}
-    # tangent × node evaluations per call: as many as the budget and NODE_BATCH_NUMBERS of
+    # tangent × node evaluations per call: as many as the budget and NODE_BATCH_BYTES of
     # activations (2·M·A numbers per evaluation) allow, at least one node of t_chunk tangents
     # (forward_step also calls with at most contraction.TANGENTS_PER_CALL tangents)
-    evals = min(avail // max(per_tangent, 1), NODE_BATCH_NUMBERS // max(2 * M * A, 1),
+    evals = min(avail // max(per_tangent, 1), NODE_BATCH_BYTES // max(itemsize * 2 * M * A, 1),
                 t_chunk * max(Q, 1) * 8)
     eval_chunk = max(int(t_chunk), int(evals))
     # the tangents forward_step really pushes per call (shared nodes: all Q nodes per call, so
