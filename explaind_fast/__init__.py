@@ -9,6 +9,7 @@ Public API (imported lazily so that ``import explaind_fast`` is cheap and never 
     ParamLayout                                          the flat parameter layout (model/)
     losses                                               per-sample losses, language models too
     ops                                                  the fused path-kernel reduction op
+    keep_freed_memory                                    glibc keeps freed memory (process-wide)
 
 Results are contributions to the *change* of the output; docs/design.md §1 states the sign
 convention, §12 the package layers (checked by import-linter, .importlinter).
@@ -29,6 +30,7 @@ _EXPORTS = {
     "CertificateError": "explaind_fast.attribution",
     "DistributedAttributionError": "explaind_fast.attribution",
     "NodeSet": "explaind_fast.quadrature",
+    "keep_freed_memory": "explaind_fast.allocator",
 }
 _SUBPACKAGES = ("model", "optim", "store", "recording", "quadrature", "attribution", "ops",
                 "kernels", "testing", "demos", "losses")

@@ -9,10 +9,11 @@ samples; its report says what it computed); ``--full`` attributes every step and
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 from typing import List, Optional
+
+from .allocator import keep_freed_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -81,32 +82,9 @@ def _passive_openmp() -> None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
-#: glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def _keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the kernel, unless the
-    user tuned malloc through the environment. Full-batch training allocates and frees the same
-    tens of MB of activations every step; with glibc's default (dynamic) thresholds they were
-    returned and faulted in again each step: the demo's training spent 13 % of its user time in
-    the kernel (3.8 M minor faults), 1.8 % with these thresholds (README, "Threads and memory on a
-    shared machine"). The cost: the process keeps its high-water mark (≈ +20 MB here). Returns
-    whether it was applied (glibc only)."""
-    if any(k in os.environ for k in _MALLOC_ENV):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
-        bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     _passive_openmp()
-    _keep_freed_memory()
+    keep_freed_memory()            # training's per-step activations: README, "Memory handed back"
     args = build_parser().parse_args(argv)
     if args.command != "demo":               # pragma: no cover - argparse enforces it
         return 2

@@ -12,14 +12,13 @@ reference the streamed one is tested against).
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 from collections.abc import Mapping
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch.func import grad
 
+from ..allocator import malloc_trim
 from ..model import FunctionalModel
 from ..model import inputs as _in
 from ..optim import RegRecursion, StepRecord
@@ -255,24 +254,14 @@ class BatchGradients:
         return torch.cat([g[nm].reshape(B, -1) for nm in names], dim=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
 def release_freed_memory(device) -> None:
     """Hand the memory the train side has just freed back to the OS (CPU, glibc: malloc_trim).
     Its per-sample gradients come and go as many D-sized blocks that glibc keeps in its heap once
     its mmap threshold has risen; kept, they add to the next contraction's peak (measured: 552 →
     473–522 MiB for reverse mode, per-label update credit, D = 1.86M, budget 512 MiB). Once per step,
     a few ms; nothing elsewhere (other allocators, CUDA)."""
-    trim = _malloc_trim() if torch.device(device).type == "cpu" else None
-    if trim is not None:
-        trim(0)
+    if torch.device(device).type == "cpu":
+        malloc_trim()
 
 
 def subsampled_reg(traj, s: int, reg: RegRecursion, dtype, device) -> torch.Tensor:

@@ -260,8 +260,8 @@ def test_cli_rules_shorthand_and_bad_demo():
 
 _ALLOC_LOOP = """
 import resource, sys, torch
-from explaind_fast.cli import _keep_freed_memory
-applied = _keep_freed_memory() if sys.argv[1] == "1" else False
+from explaind_fast import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "1" else False
 def step():                      # a training step's pattern: 48 MB temporaries made and freed
     a = torch.ones(6_000_000, dtype=torch.float64)
     b = torch.ones(6_000_000, dtype=torch.float64)
@@ -297,3 +297,5 @@ def test_cli_keeps_freed_memory_unless_the_user_tuned_malloc():
     # (glibc now and then still grows its heap for one: 12k pages each)
     assert faults_default > 300_000 and faults < faults_default / 10
     assert run("1", {"MALLOC_TRIM_THRESHOLD_": str(1 << 30)})[0] == 0
+    from explaind_fast.allocator import malloc_trim
+    assert malloc_trim() is True
