@@ -23,6 +23,7 @@ sample). ``kinks:3`` and ``auto`` (the default of attribute()) are the exact rul
 
     python bench/bench_kinks_speed.py                        # both cases, 3 repeats
     python bench/bench_kinks_speed.py --case grokking --repeats 5 --threads 2
+    python bench/bench_kinks_speed.py --case grokking --threads 1 --node-batch 16,32   # A/B
 """
 from __future__ import annotations
 
@@ -92,17 +93,28 @@ def _run(model, traj, X, rule, kw):
                          **({} if rule == "default" else {"quadrature": rule}), **kw)
 
 
-def measure_rules(model, traj, X, rules, kw, repeats):
+def measure_rules(model, traj, X, rules, kw, repeats, node_batches=()):
+    """Each rule ``repeats`` times, interleaved; with ``node_batches`` (MiB) each rule at each value
+    of the planner's NODE_BATCH_BYTES, rows named "rule @ 16MiB"."""
+    from explaind_fast.attribution import planner
+    variants = [(r, None) for r in rules] if not node_batches else \
+        [(r, b) for r in rules for b in node_batches]
+    names = [r if b is None else f"{r} @ {b}MiB" for r, b in variants]
+    default_batch = planner.NODE_BATCH_BYTES
     _run(model, traj, X, rules[0], kw)                                 # warm-up
-    got = {r: [] for r in rules}
+    got = {r: [] for r in names}
     last = {}
     for _ in range(repeats):
-        for r in rules:
-            with bm.measure() as m:
-                last[r] = _run(model, traj, X, r, kw)
-            got[r].append(m)
+        for name, (r, b) in zip(names, variants):
+            planner.NODE_BATCH_BYTES = default_batch if b is None else b << 20
+            try:
+                with bm.measure() as m:
+                    last[name] = _run(model, traj, X, r, kw)
+            finally:
+                planner.NODE_BATCH_BYTES = default_batch
+            got[name].append(m)
     rows = []
-    for r in rules:
+    for r in names:
         ms, a = got[r], last[r]
         med = lambda f: statistics.median(f(m) for m in ms)            # noqa: E731
         user, sys_ = med(lambda m: m.user_s), med(lambda m: m.system_s)
@@ -144,6 +156,9 @@ def main(argv=None):
     ap.add_argument("--cnn-lr", type=float, default=0.02)
     ap.add_argument("--grokking-rules", default="midpoint:10,kinks:3,auto")
     ap.add_argument("--cnn-rules", default="gauss-legendre:8,kinks:3,auto")
+    ap.add_argument("--node-batch", default="",
+                    help="comma-separated values of the planner's NODE_BATCH_BYTES in MiB: every "
+                         "rule at each, interleaved (A/B); '' = the planner's")
     ap.add_argument("--out", default="kinks_speed_cpu.json",
                     help="results file (a bare name: bench/results/<name>); '' = none")
     args = ap.parse_args(argv)
@@ -151,6 +166,7 @@ def main(argv=None):
     env = bm.environment()
     print(bm.format_environment(env))
     result = {"repeats": args.repeats}
+    batches = [int(b) for b in args.node_batch.split(",") if b]
     with tempfile.TemporaryDirectory() as tmp:
         if args.case in ("grokking", "both"):
             from explaind_fast.demos.models import TRANSFORMER_LAYERS
@@ -161,14 +177,14 @@ def main(argv=None):
             for name, kw in (("table1", dict(params="all", data="all", steps="all")),
                              ("layers", dict(params=TRANSFORMER_LAYERS, data="all",
                                              steps="each"))):
-                rows = measure_rules(model, traj, X, rules, kw, args.repeats)
-                _print(f"{head}, {name} setting", rows, rules[0])
+                rows = measure_rules(model, traj, X, rules, kw, args.repeats, batches)
+                _print(f"{head}, {name} setting", rows, rows[0]["rule"])
                 result[f"grokking_{name}"] = rows
         if args.case in ("cnn", "both"):
             model, traj, X = build_cnn(f"{tmp}/cnn", lr=args.cnn_lr)
             rules = [r for r in args.cnn_rules.split(",") if r]
             rows = measure_rules(model, traj, X, rules, dict(params="all", data="all",
-                                                             steps="each"), args.repeats)
+                                                             steps="each"), args.repeats, batches)
             from explaind_fast.quadrature.kinks import find_kinks
             pieces = []
             for s in range(traj.num_steps):
@@ -179,7 +195,7 @@ def main(argv=None):
             _print(f"ReLU + max-pool + BatchNorm(eval) CNN: D={traj.layout.D}, "
                    f"{traj.num_steps} steps, {len(X)} test images, AdamW lr {args.cnn_lr}, "
                    f"{statistics.mean(pieces):.1f} smooth pieces per sample-step "
-                   f"(max {max(pieces):.1f})", rows, rules[0])
+                   f"(max {max(pieces):.1f})", rows, rows[0]["rule"])
             result["cnn"] = rows
             result["cnn_pieces_per_sample_step"] = pieces
     if args.out:
