@@ -224,7 +224,8 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     # tangent × node evaluations per call: as many as the budget and NODE_BATCH_BYTES of
     # activations (2·M·A numbers per evaluation) allow, at least one node of t_chunk tangents
     # (forward_step also calls with at most contraction.TANGENTS_PER_CALL tangents)
-    evals = min(avail // max(per_tangent, 1), NODE_BATCH_BYTES // max(itemsize * 2 * M * A, 1),
+    per_eval = itemsize * 2 * M * A
+    evals = min(avail // max(per_tangent, 1), NODE_BATCH_BYTES // max(per_eval, 1),
                 t_chunk * max(Q, 1) * 8)
     eval_chunk = max(int(t_chunk), int(evals))
     # the tangents forward_step really pushes per call (shared nodes: all Q nodes per call, so
