@@ -96,25 +96,17 @@ def _run(model, traj, X, rule, kw):
 def measure_rules(model, traj, X, rules, kw, repeats, node_batches=()):
     """Each rule ``repeats`` times, interleaved; with ``node_batches`` (MiB) each rule at each value
     of the planner's NODE_BATCH_BYTES, rows named "rule @ 16MiB"."""
-    from explaind_fast.attribution import planner
-    variants = [(r, None) for r in rules] if not node_batches else \
-        [(r, b) for r in rules for b in node_batches]
-    names = [r if b is None else f"{r} @ {b}MiB" for r, b in variants]
-    default_batch = planner.NODE_BATCH_BYTES
+    variants = bm.node_batch_variants(rules, node_batches)
     _run(model, traj, X, rules[0], kw)                                 # warm-up
-    got = {r: [] for r in names}
+    got = {name: [] for name, _, _ in variants}
     last = {}
     for _ in range(repeats):
-        for name, (r, b) in zip(names, variants):
-            planner.NODE_BATCH_BYTES = default_batch if b is None else b << 20
-            try:
-                with bm.measure() as m:
-                    last[name] = _run(model, traj, X, r, kw)
-            finally:
-                planner.NODE_BATCH_BYTES = default_batch
+        for name, r, mib in variants:
+            with bm.node_batch_cap(mib), bm.measure() as m:
+                last[name] = _run(model, traj, X, r, kw)
             got[name].append(m)
     rows = []
-    for r in names:
+    for r in got:
         ms, a = got[r], last[r]
         med = lambda f: statistics.median(f(m) for m in ms)            # noqa: E731
         user, sys_ = med(lambda m: m.user_s), med(lambda m: m.system_s)

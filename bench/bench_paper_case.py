@@ -143,24 +143,16 @@ def main(argv=None):
                 return attribute(model, traj, X, params="all", data="all", steps="each",
                                  output="logits", progress=False, **kw)
 
-        from explaind_fast.attribution import planner
-        batches = [int(b) for b in args.node_batch.split(",") if b]
-        rules = [r for r in args.rules.split(",") if r]
-        variants = [(r, None) for r in rules] if not batches else \
-            [(r, b) for r in rules for b in batches]
-        rules = [r if b is None else f"{r} @ {b}MiB" for r, b in variants]
-        default_batch = planner.NODE_BATCH_BYTES
+        variants = bm.node_batch_variants([r for r in args.rules.split(",") if r],
+                                          [int(b) for b in args.node_batch.split(",") if b])
+        rules = [name for name, _, _ in variants]
         run("midpoint:2")                                              # warm-up
         samples = {r: [] for r in rules}
         last = {}
         for _ in range(args.repeats):
-            for rule, (base_rule, batch) in zip(rules, variants):
-                planner.NODE_BATCH_BYTES = default_batch if batch is None else batch * 2 ** 20
-                try:
-                    with bm.measure() as m:
-                        a = run(base_rule)
-                finally:
-                    planner.NODE_BATCH_BYTES = default_batch
+            for rule, base_rule, mib in variants:
+                with bm.node_batch_cap(mib), bm.measure() as m:
+                    a = run(base_rule)
                 samples[rule].append(m)
                 last[rule] = a
         rows = []

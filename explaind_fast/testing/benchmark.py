@@ -19,6 +19,9 @@ Timing
                         the user and system CPU seconds and the minor / major page faults it
                         caused; the process's max RSS so far. On CUDA it synchronizes on entry and
                         exit so the wall time covers the queued work.
+    :func:`node_batch_variants`, :class:`node_batch_cap`  the A/B of the planner's node-batch
+                        cap (``--node-batch`` of bench_paper_case.py / bench_kinks_speed.py): rows
+                        "rule @ 16MiB", the cap set for one block and restored after.
 
 Peak memory (what a call needs on top of what exists before it)
     :class:`track_peak` context manager, :func:`peak_memory` the same for one call.
@@ -49,6 +52,7 @@ Environment and results
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -66,7 +70,8 @@ import torch
 
 __all__ = ["RESULTS_DIR", "Measurement", "device_name", "environment", "format_environment",
            "measure", "peak_memory", "peak_memory_subprocess", "results_path", "set_threads",
-           "summarize", "sync", "time_call", "track_peak", "write_results"]
+           "summarize", "sync", "time_call", "track_peak", "write_results", "node_batch_cap",
+           "node_batch_variants"]
 
 
 def _results_dir() -> Path:
@@ -359,6 +364,31 @@ def format_environment(env) -> str:
         parts.append("load " + "/".join(f"{x:.1f}" for x in load))
     parts.append(env["date_utc"])
     return "# " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------ planner A/B
+
+def node_batch_variants(rules, mib_values=()):
+    """[(row name, rule, MiB or None)]: every rule at every value of the planner's node-batch cap
+    (``NODE_BATCH_BYTES``, in MiB), rows named "rule @ 16MiB"; the rules as they are when
+    ``mib_values`` is empty (the A/B of ``--node-batch`` in the bench scripts)."""
+    if not mib_values:
+        return [(r, r, None) for r in rules]
+    return [(f"{r} @ {b}MiB", r, b) for r in rules for b in mib_values]
+
+
+@contextlib.contextmanager
+def node_batch_cap(mib):
+    """The planner's NODE_BATCH_BYTES set to ``mib`` MiB inside the block (None: unchanged),
+    restored after."""
+    from explaind_fast.attribution import planner
+    before = planner.NODE_BATCH_BYTES
+    if mib is not None:
+        planner.NODE_BATCH_BYTES = int(mib) << 20
+    try:
+        yield
+    finally:
+        planner.NODE_BATCH_BYTES = before
 
 
 # ------------------------------------------------------------------------------------- results

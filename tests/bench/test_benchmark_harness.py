@@ -77,3 +77,22 @@ def test_environment_row_and_results_folder(tmp_path, monkeypatch):
     assert data == {"environment": env, "note": "n", "rows": [{"a": 1}]}
     data = json.loads(bm.write_results(tmp_path / "d.json", {"rows": [], "k": 2}, env=env).read_text())
     assert data["k"] == 2 and data["environment"] == env
+
+
+def test_node_batch_variants_and_cap_restore_the_planner():
+    from explaind_fast.attribution import planner
+    assert bm.node_batch_variants(["a", "b"]) == [("a", "a", None), ("b", "b", None)]
+    assert bm.node_batch_variants(["a"], [16, 32]) == [("a @ 16MiB", "a", 16),
+                                                       ("a @ 32MiB", "a", 32)]
+    before = planner.NODE_BATCH_BYTES
+    with bm.node_batch_cap(3):
+        assert planner.NODE_BATCH_BYTES == 3 << 20
+    assert planner.NODE_BATCH_BYTES == before
+    with bm.node_batch_cap(None):
+        assert planner.NODE_BATCH_BYTES == before
+    try:                                       # restored when the block raises, too
+        with bm.node_batch_cap(5):
+            raise RuntimeError
+    except RuntimeError:
+        pass
+    assert planner.NODE_BATCH_BYTES == before
