@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import platform
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -258,44 +255,19 @@ def test_cli_rules_shorthand_and_bad_demo():
         build_parser().parse_args(["demo", "grokking", "--full", "--tiny"])
 
 
-_ALLOC_LOOP = """
-import resource, sys, torch
-from explaind_fast import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "1" else False
-def step():                      # a training step's pattern: 48 MB temporaries made and freed
-    a = torch.ones(6_000_000, dtype=torch.float64)
-    b = torch.ones(6_000_000, dtype=torch.float64)
-    c = a + b
-    del a, b, c
-for _ in range(3):
-    step()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-"""
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_cli_keeps_freed_memory_unless_the_user_tuned_malloc():
+def test_cli_keeps_freed_memory_unless_the_user_tuned_malloc(load_bench):
     """python -m explaind_fast makes glibc reuse freed blocks: the same alloc/free loop faults
     (nearly) no fresh pages, where the default thresholds mmap and zero every 48 MB block again;
-    a MALLOC_* setting of the user's is left alone."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_",
-                                                            "MALLOC_TRIM_THRESHOLD_",
-                                                            "GLIBC_TUNABLES")}
-
-    def run(flag, extra=None):
-        out = subprocess.run([sys.executable, "-c", _ALLOC_LOOP, flag], env={**env, **(extra or {})},
-                             capture_output=True, text=True, check=True).stdout.split()
-        return int(out[0]), int(out[1])
-
-    applied_default, faults_default = run("0")
-    applied, faults = run("1")
-    assert applied == 1 and applied_default == 0
+    a MALLOC_* setting of the user's is left alone (bench/bench_malloc_faults.py's loop, each run
+    in a fresh process)."""
+    run = load_bench("bench_malloc_faults").run
+    applied_default, faults_default = run(False)
+    applied, faults = run(True)
+    assert applied and not applied_default
     # 20 steps × 3 blocks of 48 MB: ~700k fresh pages by default; kept, at most a block or two
     # (glibc now and then still grows its heap for one: 12k pages each)
     assert faults_default > 300_000 and faults < faults_default / 10
-    assert run("1", {"MALLOC_TRIM_THRESHOLD_": str(1 << 30)})[0] == 0
+    assert not run(True, {"MALLOC_TRIM_THRESHOLD_": str(1 << 30)})[0]
     from explaind_fast.allocator import malloc_trim
     assert malloc_trim() is True
