@@ -43,9 +43,10 @@ MAX_PAIRS = 1024
 #: calls cost more than the work on a small test set, and larger working sets make glibc hand
 #: freed memory back to the kernel, which zeroes it again page by page on the next call. Bytes,
 #: not numbers: 32 MiB in float64 made the paper case's midpoint:100 1.13x faster (no faults) but
-#: the grokking layer x step run (8 samples, 13 tangents) 18-29 % system time against 0-5 % at
-#: 16 MiB, and 24 MiB 9-13 % (bench/results/node_batch_ab_*.json, node_batch_layers_ab.txt,
-#: node_batch_kinks_grokking_ab.json: bench_kinks_speed.py --node-batch 16,32)
+#: gave the grokking layer x step run (8 samples, 13 tangents) 16-18 % system time against
+#: 0.2-2.1 % at 16 MiB, and 24 MiB 11-14 % against 3-5 %, for no wall time gained
+#: (bench/results/node_batch_ab_*.json, node_batch_kinks_grokking_ab*.json: bench_paper_case.py /
+#: bench_kinks_speed.py --node-batch)
 NODE_BATCH_BYTES = 16 * 1024 ** 2
 #: the share of the memory budget the per-sample gradients of one batch may hold (train side)
 TRAIN_SHARE = 4
