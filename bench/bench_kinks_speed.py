@@ -19,7 +19,9 @@ Each rule runs ``--repeats`` times, interleaved (A B A B ...), after one warm-up
 medians are reported, with the ratio to the case's baseline (wall and user + system CPU), system
 time over user time, minor page faults (explaind_fast.testing.benchmark.measure), the worst
 per-step relative quadrature residual and the mean nodes per step (per-sample rules: the widest
-sample). ``kinks:3`` and ``auto`` (the default of attribute()) are the exact rules.
+sample), the seconds spent choosing nodes (:func:`node_search_timer`: the kink search) and the
+time outside that search over the baseline's whole wall time — what the rule would cost with a
+free search. ``kinks:3`` and ``auto`` (the default of attribute()) are the exact rules.
 
     python bench/bench_kinks_speed.py                        # both cases, 3 repeats
     python bench/bench_kinks_speed.py --case grokking --repeats 5 --threads 2
@@ -28,8 +30,10 @@ sample). ``kinks:3`` and ``auto`` (the default of attribute()) are the exact rul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
+import time
 import warnings
 
 import torch
@@ -93,6 +97,33 @@ def _run(model, traj, X, rule, kw):
                          **({} if rule == "default" else {"quadrature": rule}), **kw)
 
 
+@contextlib.contextmanager
+def node_search_timer():
+    """Seconds spent choosing each step's quadrature nodes (Accumulator.nodes / .refine: the kink
+    search of kinks:n, the refinement of adaptive rules; nothing for fixed rules) while the block
+    runs: yields a one-element list holding the running total. The rest of an attribution is the
+    evaluations at the chosen nodes and the contraction."""
+    from explaind_fast.attribution.accumulator import Accumulator
+    total = [0.0]
+    originals = {name: getattr(Accumulator, name) for name in ("nodes", "refine")}
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                total[0] += time.perf_counter() - t0
+        return wrapper
+    for name, fn in originals.items():
+        setattr(Accumulator, name, timed(fn))
+    try:
+        yield total
+    finally:
+        for name, fn in originals.items():
+            setattr(Accumulator, name, fn)
+
+
 def measure_rules(model, traj, X, rules, kw, repeats, node_batches=()):
     """Each rule ``repeats`` times, interleaved; with ``node_batches`` (MiB) each rule at each value
     of the planner's NODE_BATCH_BYTES, rows named "rule @ 16MiB"."""
@@ -102,13 +133,14 @@ def measure_rules(model, traj, X, rules, kw, repeats, node_batches=()):
     last = {}
     for _ in range(repeats):
         for name, r, mib in variants:
-            with bm.node_batch_cap(mib), bm.measure() as m:
+            with bm.node_batch_cap(mib), node_search_timer() as search, bm.measure() as m:
                 last[name] = _run(model, traj, X, r, kw)
-            got[name].append(m)
+            got[name].append((m, search[0]))
     rows = []
     for r in got:
-        ms, a = got[r], last[r]
+        ms, a = [m for m, _ in got[r]], last[r]
         med = lambda f: statistics.median(f(m) for m in ms)            # noqa: E731
+        search = statistics.median(t for _, t in got[r])
         user, sys_ = med(lambda m: m.user_s), med(lambda m: m.system_s)
         rows.append({"rule": r, "chosen": a.quadrature,
                      "wall_s": med(lambda m: m.wall_s), "user_s": user, "system_s": sys_,
@@ -116,6 +148,8 @@ def measure_rules(model, traj, X, rules, kw, repeats, node_batches=()):
                      "system_over_user": sys_ / max(user, 1e-9),
                      "minor_faults": med(lambda m: m.minor_faults),
                      "wall_all_s": [m.wall_s for m in ms],
+                     "node_search_s": search,
+                     "outside_search_s": med(lambda m: m.wall_s) - search,
                      "max_step_residual_rel": float(a.step_residual_relative.max()),
                      "reconstruction_error": float(a.reconstruction_error),
                      "nodes_per_step": float(a.evaluations["quadrature_nodes"].double().mean())})
@@ -126,15 +160,17 @@ def _print(title, rows, baseline):
     base = next(r for r in rows if r["rule"] == baseline)
     print(f"\n## {title} (baseline {baseline})")
     print("| rule | wall s | x base (wall) | CPU s | x base (CPU) | sys/user | minor faults | "
-          "max step rel. residual | nodes/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "max step rel. residual | nodes/step | node search s | outside search: x base wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["wall_over_baseline"] = r["wall_s"] / base["wall_s"]
         r["cpu_over_baseline"] = r["cpu_s"] / base["cpu_s"]
+        r["outside_search_over_baseline_wall"] = r["outside_search_s"] / base["wall_s"]
         print(f"| {r['rule']} | {r['wall_s']:.2f} | {r['wall_over_baseline']:.2f} | "
               f"{r['cpu_s']:.2f} | {r['cpu_over_baseline']:.2f} | {r['system_over_user']:.1%} | "
               f"{r['minor_faults']:.0f} | {r['max_step_residual_rel']:.1e} | "
-              f"{r['nodes_per_step']:.1f} |", flush=True)
+              f"{r['nodes_per_step']:.1f} | {r['node_search_s']:.2f} | "
+              f"{r['outside_search_over_baseline_wall']:.2f} |", flush=True)
     for r in rows:
         if r["rule"] in ("auto", "default"):
             print(f"# {r['rule']} chose: {r['chosen']}")

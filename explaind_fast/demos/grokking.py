@@ -444,7 +444,11 @@ def _run(out_dir: str, config: GrokkingConfig, *, device: Optional[str], progres
             "update-step credit keeps as much again. Measured on this 2-core CPU (loaded, "
             "1 thread): data='label' (113 partitions, one backward each) 54 s per step; "
             "data='sample' refused by the 2 GiB default memory budget. Over the ~1000 steps "
-            "before the after-grokking window that is far outside minutes. `python -m "
+            "before the after-grokking window that is far outside minutes. Even the operations "
+            "no exact method can skip exceed a 3-minute demo on a 2-core CPU: exact per-sample "
+            "contributions need float64 training (float32 steps used float32 gradients), and the "
+            "paper's Figure 4 carries every training sample's first moment from step 0 "
+            "(`python bench/bench_figures45_floor.py` times them). `python -m "
             "explaind_fast demo grokking --full` (GPU) computes Figures 4/5; `--tiny` shows them "
             "at toy size.\n")
     path = rep.write()
