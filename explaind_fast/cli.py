@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint-every", type=int, default=None,
                       help="grokking: store θ every k steps (default 25; 1 with --full/--tiny); "
                            "k > 1 skips Figures 4/5 (they need every step)")
+    demo.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                      help="grokking: GiB each attribution may hold (default: the engine's 2 GiB; "
+                           "Figures 4/5 take up to 80%% of the device's free memory when they need "
+                           "more, and stop before training when it is not there)")
     demo.add_argument("--progress", action="store_true", help="show tqdm progress bars")
     demo.add_argument("--train-only", action="store_true",
                       help="grokking: train and record only (accuracy curves, steps to grok)")
@@ -97,7 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = grokking.PRESETS[size].with_overrides(
             dtype=args.dtype, rules=_rules(args.rules), max_steps=args.steps, p=args.p,
             attr_test=args.test_samples, seed=args.seed, threads=args.threads,
-            checkpoint_every=args.checkpoint_every)
+            checkpoint_every=args.checkpoint_every,
+            memory_budget=None if args.memory_budget is None else int(args.memory_budget * 2**30))
         if args.test_samples is not None:
             cfg = cfg.with_overrides(table1_test=args.test_samples)
         if args.p is not None and args.p != grokking.PRESETS[size].p:

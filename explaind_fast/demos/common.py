@@ -54,6 +54,23 @@ class TrainResult:
         return self.trajectory.num_steps
 
 
+def device_memory_budget(device, fraction: float = 0.8) -> Optional[int]:
+    """``fraction`` of the memory free on ``device`` now, in bytes (CUDA: torch.cuda.mem_get_info;
+    CPU: MemAvailable of /proc/meminfo), or None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(fraction * torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(fraction * int(line.split()[1]) * 1024)
+        except OSError:
+            return None
+    return None
+
+
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).double().mean()) if targets.numel() else float("nan")
 

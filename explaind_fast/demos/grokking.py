@@ -40,7 +40,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import ConfigOverrides, TABLE1_RULES, run_reconstruction_table, train_recorded
+from .common import (ConfigOverrides, TABLE1_RULES, device_memory_budget,
+                     run_reconstruction_table, train_recorded)
 from .data import modular_addition_data
 from .models import TRANSFORMER_LAYERS, ModularAdditionTransformer
 from .plots import plot_figure3a, plot_matrices, plot_table1, plot_training
@@ -87,6 +88,9 @@ class GrokkingConfig(ConfigOverrides):
     # added system time (OpenMP's passive barrier waits) without shortening the attribution
     # (README, "demo grokking"); training keeps torch's default
     attribution_threads: Optional[int] = 1
+    # bytes each attribution may hold (None: the engine's default, 2 GiB, except for Figures 4/5,
+    # whose update credit keeps two D-vectors per training sample: see influence_budget)
+    memory_budget: Optional[int] = None
     seed: int = 0
     note: str = ""
 
@@ -154,6 +158,38 @@ def build(cfg: GrokkingConfig, device, dtype):
     return data, model, opt
 
 
+def influence_budget(cfg: GrokkingConfig, D: int, itemsize: int, device) -> Optional[int]:
+    """The memory_budget of the Figures 4/5 attribution, checked before training.
+
+    Update-step credit with one partition per training sample keeps the per-sample first moments
+    and Φ_s: about 2·n_train D-vectors (attribution.planner.floor_vectors; 6.2 GB for the paper's
+    4000 samples, D = 97,331, float64). Returns ``cfg.memory_budget`` when given, None (the
+    engine's default) when that suffices, else 80% of the device's free memory; raises
+    ValueError, naming what is needed, when the device has less free — before minutes of
+    training, not after."""
+    from ..attribution.planner import DEFAULT_BUDGET, floor_vectors
+    need = int(itemsize * D * (floor_vectors(P=cfg.n_train, itemsize=itemsize, credit="update",
+                                             data_all=False, grouped=False, coef_vectors=3) + 4))
+    if cfg.memory_budget is not None:
+        budget = int(cfg.memory_budget)
+        where = "memory_budget"
+    elif need <= DEFAULT_BUDGET:
+        return None
+    else:
+        budget = device_memory_budget(device)
+        where = f"80% of the memory free on {device}"
+        if budget is None:
+            return None              # unknown: the engine's default and its own error
+    if budget < need:
+        raise ValueError(
+            f"Figures 4/5 (data='sample', update credit) keep the first moment and Φ_s of each of "
+            f"the {cfg.n_train} training samples: about {need / 2**30:.1f} GiB for D = {D} at "
+            f"{itemsize} B, but {where} is {budget / 2**30:.1f} GiB. Run on a device with more "
+            "free memory, pass --memory-budget, or store θ every k > 1 steps "
+            "(--checkpoint-every), which skips Figures 4/5.")
+    return budget
+
+
 def _exactness_line(runs: Sequence[Dict[str, object]], tol: float = 1e-9) -> str:
     """The report's exactness line: the worst reconstruction error of the kink-aware runs."""
     exact = [r for r in runs if "kinks" in str(r["run"]) and not r.get("note")]
@@ -203,6 +239,9 @@ def _run(out_dir: str, config: GrokkingConfig, *, device: Optional[str], progres
 
     data, model, opt = build(cfg, dev, train_dtype)
     D = sum(p.numel() for p in model.parameters())
+    fig45_budget = None
+    if cfg.influence and k == 1 and not train_only:
+        fig45_budget = influence_budget(cfg, D, torch.finfo(dtype).bits // 8, dev)
     tx, ty = data.train_x.to(dev), data.train_y.to(dev)
     vx, vy = data.test_x.to(dev), data.test_y.to(dev)
     stop = None
@@ -261,7 +300,7 @@ def _run(out_dir: str, config: GrokkingConfig, *, device: Optional[str], progres
     M = min(cfg.attr_test, cfg.n_test)
     M1 = min(cfg.table1_test or M, cfg.n_test)
     ax = vx[:M]
-    common = dict(dtype=dtype, device=dev, progress=progress)
+    common = dict(dtype=dtype, device=dev, progress=progress, memory_budget=cfg.memory_budget)
     rep = ReportWriter(out_dir, "ExPLAIND grokking demo (modular addition transformer)")
 
     # ---- Figure 3a analogue: layer × step-window importance and difference (first: Table 1
@@ -339,7 +378,7 @@ def _run(out_dir: str, config: GrokkingConfig, *, device: Optional[str], progres
         t0, c0 = time.perf_counter(), time.process_time()
         a4 = attribute(model, tr.trajectory, ax, train_data=(tx, ty), params=groups,
                        data="sample", steps=bounds, quadrature=cfg.figure_rule, output=ones,
-                       credit="update", **common)
+                       credit="update", **{**common, "memory_budget": fig45_budget})
         w4 = time.perf_counter() - t0
         phases["Figures 4/5"] = w4
         cpu_phases["Figures 4/5"] = time.process_time() - c0

@@ -245,6 +245,38 @@ def test_full_presets_are_the_papers_settings():
         (1e-3, (0.98, 0.99), 4.0, 2000, 1.0)
 
 
+def test_full_figures45_budget_is_the_planners_minimum_and_checked_before_training(
+        tmp_path, monkeypatch):
+    """--full's Figures 4/5 (4000 per-sample moments of D = 97,331 in float64) need about 6 GB:
+    the engine's 2 GiB default refused them after the whole run (BudgetError). influence_budget
+    sizes the budget from the planner's own floor (at least its minimum, within 1%), takes it from
+    the device's free memory, and a device without it stops the run before training."""
+    from explaind_fast.attribution.planner import DEFAULT_BUDGET, make_plan
+    from explaind_fast.demos import common, grokking
+    full, D = grokking.PRESETS["full"], 97331
+    minimum = make_plan(D=D, M=full.attr_test, K=1, G=3, P=full.n_train, Q=8, A=1000, itemsize=8,
+                        mode="auto", credit="update", budget="minimum", data_all=False,
+                        fallback_product=False, grouped=False, coef_vectors=3).memory_budget
+    monkeypatch.setattr(grokking, "device_memory_budget", lambda device: 64 * 2**30)
+    budget = grokking.influence_budget(full, D, 8, "cpu")
+    assert budget == 64 * 2**30 and minimum > DEFAULT_BUDGET
+    monkeypatch.setattr(grokking, "device_memory_budget", lambda device: int(1.01 * minimum))
+    grokking.influence_budget(full, D, 8, "cpu")          # the minimum + 1% fits
+    with pytest.raises(ValueError, match=r"Figures 4/5 .* 4000 training samples: about 5\.[89] GiB"):
+        monkeypatch.setattr(grokking, "device_memory_budget", lambda device: minimum - 2**20)
+        grokking.influence_budget(full, D, 8, "cpu")
+    assert grokking.influence_budget(grokking.PRESETS["tiny"], 500, 8, "cpu") is None
+    given = full.with_overrides(memory_budget=100 * 2**30)
+    assert grokking.influence_budget(given, D, 8, "cpu") == 100 * 2**30
+    # a run whose Figures 4/5 cannot fit stops before training: no trajectory written
+    cfg = grokking.PRESETS["tiny"].with_overrides(memory_budget=2**10)
+    with pytest.raises(ValueError, match="Figures 4/5"):
+        grokking.run(str(tmp_path / "r"), cfg, log=lambda s: None)
+    assert not (tmp_path / "r" / "trajectory").exists()
+    free = common.device_memory_budget("cpu")
+    assert free is None or free > 0
+
+
 def test_cli_rules_shorthand_and_bad_demo():
     from explaind_fast.cli import _rules, build_parser
     assert _rules("midpoint:10, gauss-legendre:2,4,8,kinks:8") == (
