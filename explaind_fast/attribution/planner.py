@@ -50,8 +50,16 @@ MAX_PAIRS = 1024
 NODE_BATCH_BYTES = 16 * 1024 ** 2
 #: the share of the memory budget the per-sample gradients of one batch may hold (train side)
 TRAIN_SHARE = 4
-#: numbers held per per-sample gradient entry of a slab: vmap's output and its flat assembly, and
-#: the consumer's temporary (train_side.BatchGradients)
+#: CPU: bytes one train-side pass may hold at most, whatever the budget. A larger block goes
+#: beyond glibc's mmap threshold (32 MiB by default, 64 MiB after keep_freed_memory()) and is
+#: mapped fresh, zeroed page by page, on every pass: the --full demo's Figures 4/5 call (4000
+#: per-sample gradients of the paper's transformer, float64, budget 18 GiB, 12 steps) took 78.2 s
+#: in 4.6 GiB passes, system time 69 % of user, and 61.1 s in 48 MiB passes, 15 % (the one-time
+#: first touch of E and B; bench/results/sample_data_paper_cpu_12steps.json:
+#: bench_sample_data_paper.py). GPUs keep the budget's share.
+CPU_TRAIN_PASS_BYTES = 48 * 1024 ** 2
+#: numbers held per per-sample gradient entry of a slab: vmap's output, the backward's buffers
+#: and the consumer's temporary (train_side.BatchGradients)
 SLAB_COPIES = 3
 
 
@@ -161,10 +169,11 @@ class BudgetError(ValueError):
 
 
 def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, fallback_product,
-              numels=None, batch=0, grouped=True, coef_vectors=0):
+              numels=None, batch=0, grouped=True, coef_vectors=0, device_type="cpu"):
     """The plan for one attribution; ``budget`` bytes (None: DEFAULT_BUDGET, "minimum": the
     smallest chunks, the budget is then the floor). Raises :class:`BudgetError` naming the
-    minimum when the budget is below it (docs/design.md §10)."""
+    minimum when the budget is below it (docs/design.md §10). ``device_type`` "cpu" caps the
+    train side's passes at :data:`CPU_TRAIN_PASS_BYTES`."""
     minimum_requested = isinstance(budget, str) and budget == "minimum"
     budget = DEFAULT_BUDGET if budget is None else (0 if minimum_requested else int(budget))
     T = G * (P + 1) + 1
@@ -203,6 +212,8 @@ def make_plan(*, D, M, K, G, P, Q, A, itemsize, mode, credit, budget, data_all, 
     # the train side runs beside the floor; with gradient credit also beside the row chunk's φ, H
     # and Hreg (it contracts with H), so it takes its share of the budget first
     train_budget = max(1, min(budget // TRAIN_SHARE, avail))
+    if device_type == "cpu":
+        train_budget = min(train_budget, CPU_TRAIN_PASS_BYTES)
     overlap = credit == "gradient" and not data_all
     if overlap and avail - train_budget >= per_row + per_pair_row:
         avail -= train_budget

@@ -363,7 +363,8 @@ def prepare(model, trajectory, test_inputs, *, test_targets=None, train_data=Non
                      fallback_product=(not op_supports(dtype) and G > _FALLBACK_LOOP_MAX_GROUPS),
                      numels=layout.numels, batch=_first_batch(traj) if per_sample_data else 0,
                      grouped=groups.perm is None,
-                     coef_vectors=3 if traj.rule.has_second_moment else 0)
+                     coef_vectors=3 if traj.rule.has_second_moment else 0,
+                     device_type=torch.device(device).type)
     if rule.kind in ("kinks", "auto"):        # the kink search's capture within the budget
         rule.search_elems = plan.search_elems
     plan.attention = _att.describe(seen.seen)

@@ -147,8 +147,9 @@ class BatchGradients:
 
     ``present`` [U] are the partition ids in the batch (sorted), as in :func:`partition_gradients`.
     :meth:`stream` calls ``consume(rows, cols, block)`` with ``block`` [r, b − a] = G_s[present[rows]]
-    restricted to the coordinates ``cols`` = slice(a, b) (``rows``: int64 positions in ``present``;
-    the consumer may modify ``block`` in place, it is not used afterwards), and returns
+    restricted to the coordinates ``cols`` = slice(a, b) (per-sample data: one parameter tensor's
+    coordinates per call; ``rows``: int64 positions in ``present``; the consumer may modify
+    ``block`` in place, it is not used afterwards), and returns
     Σ_p G_s[p] [D] (the batch gradient, for the step identity). Every (row, coordinate) is handed
     over exactly once.
 
@@ -201,46 +202,61 @@ class BatchGradients:
                     max(1, min(B, budget // (SLAB_COPIES * itemsize * max(b - a, 1))))
                 for i in range(0, B, n):
                     sl = slice(i, min(B, i + n))
-                    g = self._slab_grads(a, b, sl)
-                    g = g.contiguous() if not g.is_contiguous() else g
-                    g.mul_(self.w[sl, None])
-                    if n == B:
-                        torch.sum(g, 0, out=total[a:b])
-                    else:
-                        total[a:b] += g.sum(0)
-                    consume(self.inv[sl], slice(a, b), g)
-                    del g
+                    # tensor by tensor: each tensor's gradients are their own block (one [n, S]
+                    # copy of the slab would be a fresh allocation, and page faults, per pass)
+                    for ta, tb, g in self._slab_grads(a, b, sl):
+                        g = g.contiguous() if not g.is_contiguous() else g
+                        g.mul_(self.w[sl, None])
+                        if n == B:
+                            torch.sum(g, 0, out=total[ta:tb])
+                        else:
+                            total[ta:tb] += g.sum(0)
+                        consume(self.inv[sl], slice(ta, tb), g)
+                        del g
             return total
         self.slabs = []
-        th = th.detach().requires_grad_(True)
-        losses = self.loss_fn(self.fm(th, self.X), self.Y) * self.w
+        # differentiate with respect to each parameter tensor, not the flat θ: the backward of
+        # every tensor's view of a flat θ allocates a zero-filled D-length gradient
+        lay = self.fm.layout
+        tensors = [t.detach().requires_grad_(True) for t in lay.unflatten(th).values()]
+        params = self.fm.params_from(dict(zip(lay.names, tensors)))
+        out = _in.select_output(self.fm.call_with(params, self.X), self.fm.output)
+        losses = self.loss_fn(out, self.Y) * self.w
         if losses.shape != (len(self.idx),):
             raise ValueError(f"loss_fn must return per-sample losses of shape [{len(self.idx)}] "
                              f"(reduction='none'), got {tuple(losses.shape)}")
         U = len(self.present)
+        off = lay.offsets
         chunk = min(U, partition_rows(D, itemsize, budget))
         for a in range(0, U, chunk):
             rows = torch.empty(min(U, a + chunk) - a, D, dtype=th.dtype, device=th.device)
             for i, u in enumerate(range(a, a + len(rows))):
-                rows[i] = torch.autograd.grad(losses[self.inv == u].sum(), th,
-                                              retain_graph=u + 1 < U)[0]
+                grads = torch.autograd.grad(losses[self.inv == u].sum(), tensors,
+                                            retain_graph=u + 1 < U, allow_unused=True)
+                for k, g in enumerate(grads):
+                    if g is None:                   # a tensor the loss does not reach
+                        rows[i, off[k]:off[k + 1]].zero_()
+                    else:
+                        rows[i, off[k]:off[k + 1]].copy_(g.reshape(-1))
+                del grads
             total += rows.sum(0)
             consume(torch.arange(a, a + len(rows), device=th.device), slice(0, D), rows)
         return total
 
-    def _slab_grads(self, a: int, b: int, samples: slice = slice(None)) -> torch.Tensor:
+    def _slab_grads(self, a: int, b: int, samples: slice = slice(None)
+                    ) -> List[Tuple[int, int, torch.Tensor]]:
         """Per-sample gradients of the (unweighted) losses of the batch's ``samples`` restricted
-        to θ[a:b] ([n, b − a]);
-        θ[a:b] must be a union of whole parameter tensors. Differentiates with respect to the
-        slab's tensors as separate inputs (a flat slab vector would cost one zero-filled
-        [B, b − a] per tensor in the backward of its slice) and concatenates their gradients."""
+        to θ[a:b], one block per parameter tensor of the slab: [(start, stop, [n, stop − start])]
+        in layout order, covering [a, b); θ[a:b] must be a union of whole parameter tensors.
+        Differentiates with respect to the slab's tensors as separate inputs (a flat slab vector
+        would cost one zero-filled [B, b − a] per tensor in the backward of its slice)."""
         fm, loss_fn, lay = self.fm, self.loss_fn, self.fm.layout
         off = lay.offsets
-        names = [nm for i, nm in enumerate(lay.names) if a <= off[i] and off[i + 1] <= b]
-        if sum(lay.numels[lay.index(nm)] for nm in names) != b - a:
+        idx = [i for i, nm in enumerate(lay.names) if a <= off[i] and off[i + 1] <= b]
+        if sum(lay.numels[i] for i in idx) != b - a:
             raise ValueError(f"slab [{a}, {b}) does not consist of whole parameter tensors")
         fixed = lay.unflatten(self.theta)
-        part = {nm: fixed[nm] for nm in names}
+        part = {lay.names[i]: fixed[lay.names[i]] for i in idx}
 
         def one(part, x, y):
             out = _in.select_output(fm.call_with(fm.params_from({**fixed, **part}),
@@ -249,9 +265,7 @@ class BatchGradients:
         X, Y = _in.take(self.X, samples), _in.take(self.Y, samples)
         g = fm.vmap(grad(one), (None, 0, 0))(part, X, Y)
         B = len(range(*samples.indices(len(self.idx))))
-        if len(names) == 1:
-            return g[names[0]].reshape(B, -1)
-        return torch.cat([g[nm].reshape(B, -1) for nm in names], dim=1)
+        return [(off[i], off[i + 1], g[lay.names[i]].reshape(B, -1)) for i in idx]
 
 
 def release_freed_memory(device) -> None:

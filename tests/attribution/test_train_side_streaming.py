@@ -124,11 +124,41 @@ def test_stream_equals_unstreamed_gradients(run, data):
             _close(out, Gp)
             _close(total, Gp.sum(0))
             if data == "sample" and "slabs" in kw:
-                assert [(a, b) for a, b, _ in seen] == kw["slabs"]
+                # one block per parameter tensor, in layout order, slab after slab
+                assert [(a, b) for a, b, _ in seen] == _per_tensor(lay)
+                starts = {a for a, _, _ in seen}
+                assert all(a in starts for a, _ in kw["slabs"]) and bg.slabs == kw["slabs"]
             if kw.get("budget") == 1:        # one partition row / one sample per pass at a time
                 assert all(shape[0] == 1 for _, _, shape in seen)
     if isinstance(run[0], Branchy) and data == "sample":
         assert not fm.vectorize and fm.loop_reason          # the loop fallback did run
+
+
+class Spare(Uneven):
+    """A parameter the loss never reaches (no gradient: the recorder marks it inactive)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Parameter(torch.ones(4))
+
+
+def test_partition_rows_are_zero_on_tensors_the_loss_does_not_reach():
+    """Partitions of several samples differentiate with respect to each tensor (not the flat θ,
+    whose every view's backward allocates a D-length gradient); a tensor without a gradient gets
+    zeros, as the flat reference gives."""
+    model, traj, train, _, _ = _run(Spare)
+    fm, ts, traj = _setup((model, traj, train, None, None))
+    part = parse_data("label", ts.n, ts.Y)
+    lay = traj.layout
+    k = lay.names.index("spare")
+    for s in range(traj.num_steps):
+        th, rec = traj.theta(s, dtype=DT), traj.step(s)
+        present, Gp = partition_gradients(fm, th, ts, ce, rec, part.ids)
+        out, total, _ = _collect(BatchGradients(fm, th, ts, ce, rec, part.ids))
+        _close(out, Gp)
+        _close(total, Gp.sum(0))
+        assert torch.equal(out[:, lay.offsets[k]:lay.offsets[k + 1]],
+                           torch.zeros(len(present), 4, dtype=DT))
 
 
 @pytest.mark.parametrize("data", ["sample", "label"])

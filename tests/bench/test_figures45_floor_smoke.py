@@ -3,7 +3,6 @@ never timed here), and the fact behind its float64 training term — a run recor
 cannot be attributed per sample exactly, one recorded in float64 can. Also bench_kinks_speed's
 node-search timer, which splits an attribution's time at the kink search."""
 import pytest
-import torch
 
 from explaind_fast.attribution.accumulator import Accumulator
 
