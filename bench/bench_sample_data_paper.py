@@ -5,11 +5,12 @@ train side's passes (``planner.CPU_TRAIN_PASS_BYTES``) and without it, interleav
 Setting: the paper's transformer (p = 113, D = 97,331), 4000 training pairs, full-batch AdamW
 recorded in float64 for ``--steps`` steps; ``attribute(params={"decoder", "linear 2"},
 data="sample", steps="each", quadrature="kinks:3", output=ones, credit="update")`` on ``--test``
-test samples in float64 with the demo's memory budget (80% of the free memory,
-demos.common.device_memory_budget), one thread. Each variant runs ``--repeats`` times (A B A B);
-wall, user and system time and minor page faults of each call (benchmark.measure), and the
-reconstruction error. ``python -m explaind_fast`` calls keep_freed_memory(); so does this bench
-unless ``--glibc-default``.
+test samples (``--data label``: per label instead, 113 partitions, one backward each) in float64
+with the demo's memory budget (80% of the free memory, demos.common.device_memory_budget), one
+thread. Each variant runs ``--repeats`` times (A B A B); wall, user and system time and minor
+page faults of each call (benchmark.measure), and the reconstruction error.
+``python -m explaind_fast`` calls keep_freed_memory(); so does this bench unless
+``--glibc-default``.
 
     python bench/bench_sample_data_paper.py        # writes bench/results/sample_data_paper_cpu.json
 """
@@ -45,6 +46,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--test", type=int, default=4)
+    ap.add_argument("--data", default="sample", choices=["sample", "label"],
+                    help="per training sample (the demo's call) or per label (113 partitions)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--glibc-default", action="store_true",
@@ -75,7 +78,7 @@ def main(argv=None):
                                   train_data=(data.train_x, data.train_y),
                                   params={"decoder": ["decoder.*"],
                                           "linear 2": ["mlp.linear2.*"]},
-                                  data="sample", steps="each", quadrature="kinks:3", output=ones,
+                                  data=args.data, steps="each", quadrature="kinks:3", output=ones,
                                   credit="update", dtype=torch.float64, progress=False,
                                   memory_budget=budget)
                 got[name].append(m)
@@ -85,7 +88,8 @@ def main(argv=None):
                       f"{m.system_s:.1f} s, {m.minor_faults} minor faults; train passes of "
                       f"{plan['train_budget'] / 2**20:.0f} MiB", flush=True)
     rows = []
-    print(f"\n{args.steps} steps, {cfg.n_train} training samples, {args.test} test samples, "
+    print(f"\n{args.steps} steps, {cfg.n_train} training samples (data={args.data!r}), "
+          f"{args.test} test samples, "
           f"budget {budget / 2**30:.1f} GiB, keep_freed_memory {kept}")
     print("| variant | wall s | user s | sys s | sys/user | minor faults | reconstruction |")
     print("|---|---|---|---|---|---|---|")
@@ -103,6 +107,7 @@ def main(argv=None):
               f"{row['reconstruction_error']:.1e} |")
     if args.out:
         path = bm.write_results(args.out, rows, env=env, steps=args.steps, test=args.test,
+                                data=args.data,
                                 budget=budget, keep_freed_memory=kept)
         print(f"wrote {path}")
     return rows
