@@ -47,12 +47,10 @@ def _median(fn, repeats):
     return statistics.median(bm.time_call(fn, repeats=repeats, warmup=1))
 
 
-def layer_terms(model, n_train, repeats):
+def layer_terms(model, data, n_train, repeats):
     """Seconds per step of (a) the no-grad float64 forward of the training samples, and per layer
     (b) the per-sample gradients (outer products of δ_i and h_i, plus the bias) and (c) the
     per-sample moment update; {layer: D_layer}."""
-    cfg = PRESETS["cpu"]
-    data, _, _ = build(cfg, "cpu", torch.float64)
     x = data.train_x[:n_train]
     with torch.no_grad():
         fwd = _median(lambda: model(x), repeats)
@@ -76,11 +74,9 @@ def layer_terms(model, n_train, repeats):
     return out
 
 
-def test_terms(model, M, d_layers, n_train, repeats):
+def test_terms(model, data, M, d_layers, n_train, repeats):
     """(d) one batched forward + backward of M·8 test rows (summed logits) and (e) per layer the
     contraction [M, D_layer] × [D_layer, n_train]."""
-    cfg = PRESETS["cpu"]
-    data, _, _ = build(cfg, "cpu", torch.float64)
     rows = data.test_x[:M].repeat(NODES_PER_STEP, 1)
 
     def reverse():
@@ -187,11 +183,12 @@ def main(argv=None):
     env = bm.environment("cpu")
     print(bm.format_environment(env))
     cfg = PRESETS["cpu"]
-    _, model, _ = build(cfg, "cpu", torch.float64)
+    data, model, _ = build(cfg, "cpu", torch.float64)
     Ms = [int(m) for m in args.test.split(",") if m]
-    terms = layer_terms(model, cfg.n_train, args.repeats)
+    terms = layer_terms(model, data, cfg.n_train, args.repeats)
     d_layers = {n: v["D_layer"] for n, v in terms["layers"].items()}
-    terms["test"] = {M: test_terms(model, M, d_layers, cfg.n_train, args.repeats) for M in Ms}
+    terms["test"] = {M: test_terms(model, data, M, d_layers, cfg.n_train, args.repeats)
+                     for M in Ms}
     train = training_per_step(args.train_steps, args.repeats, train_threads)
     bm.set_threads(args.threads)
     rec_check = recording_dtype_check()

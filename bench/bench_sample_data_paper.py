@@ -17,7 +17,6 @@ page faults of each call (benchmark.measure), and the reconstruction error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import warnings
@@ -29,17 +28,6 @@ from explaind_fast.attribution import planner
 from explaind_fast.demos.common import device_memory_budget, train_recorded
 from explaind_fast.demos.grokking import PRESETS, build
 from explaind_fast.testing import benchmark as bm
-
-
-@contextlib.contextmanager
-def train_pass_cap(nbytes):
-    """planner.CPU_TRAIN_PASS_BYTES = ``nbytes`` inside the block (None: no cap)."""
-    before = planner.CPU_TRAIN_PASS_BYTES
-    planner.CPU_TRAIN_PASS_BYTES = 1 << 62 if nbytes is None else int(nbytes)
-    try:
-        yield
-    finally:
-        planner.CPU_TRAIN_PASS_BYTES = before
 
 
 def main(argv=None):
@@ -64,7 +52,7 @@ def main(argv=None):
     ones = torch.ones(1, model.vocab, dtype=torch.float64)
     budget = device_memory_budget("cpu")
     variants = [(f"capped ({planner.CPU_TRAIN_PASS_BYTES >> 20} MiB passes)",
-                 planner.CPU_TRAIN_PASS_BYTES), ("uncapped (budget / TRAIN_SHARE)", None)]
+                 planner.CPU_TRAIN_PASS_BYTES), ("uncapped (budget / TRAIN_SHARE)", 1 << 62)]
     got = {name: [] for name, _ in variants}
     errors = {}
     with tempfile.TemporaryDirectory() as d:
@@ -72,7 +60,8 @@ def main(argv=None):
                             max_steps=args.steps, log=lambda s: None)
         for _ in range(args.repeats):
             for name, cap in variants:
-                with train_pass_cap(cap), bm.measure() as m, warnings.catch_warnings():
+                with bm.planner_setting("CPU_TRAIN_PASS_BYTES", cap), bm.measure() as m, \
+                        warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)    # vmap fallback notices
                     a = attribute(model, tr.trajectory, data.test_x[:args.test],
                                   train_data=(data.train_x, data.train_y),

@@ -39,6 +39,7 @@ from explaind_fast.attribution.contraction import segment_contract
 from explaind_fast.attribution.credit import stream_contract
 from explaind_fast.attribution.granularity import parse_params
 from explaind_fast.attribution.train_side import BatchGradients, TrainSet, partition_gradients
+from explaind_fast.demos.common import device_memory_budget
 from explaind_fast.model import FunctionalModel, ParamLayout
 from explaind_fast.optim import StepRecord
 from explaind_fast.testing import benchmark as bm
@@ -153,7 +154,7 @@ def one_batch(args, batch):
     case = Case(**cfg)
     D, B, b = case.layout.D, batch, dtype.itemsize
     est_current = 4 * B * D * b            # measured ≈ 3.7 B·D numbers at B = 64
-    avail = _mem_available()
+    avail = device_memory_budget("cpu", fraction=1.0) or 0
     run_current = est_current <= min(args.max_current_gb * 2 ** 30, 0.8 * avail)
     result = {"D": D, "batch": B, "rows": args.rows,
               "largest_tensor": max(case.layout.numels), "tensors": len(case.layout.names),
@@ -198,14 +199,6 @@ def setup_json(path, cfg_json):
     cfg = json.loads(cfg_json)
     cfg["dtype"] = getattr(torch, cfg["dtype"])
     return setup(path, cfg)
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ Timing
                         the user and system CPU seconds and the minor / major page faults it
                         caused; the process's max RSS so far. On CUDA it synchronizes on entry and
                         exit so the wall time covers the queued work.
-    :func:`node_batch_variants`, :class:`node_batch_cap`  the A/B of the planner's node-batch
+    :func:`node_batch_variants`, :func:`node_batch_cap` (:func:`planner_setting`)  the A/B of the planner's node-batch
                         cap (``--node-batch`` of bench_paper_case.py / bench_kinks_speed.py): rows
                         "rule @ 16MiB", the cap set for one block and restored after.
 
@@ -378,17 +378,23 @@ def node_batch_variants(rules, mib_values=()):
 
 
 @contextlib.contextmanager
-def node_batch_cap(mib):
-    """The planner's NODE_BATCH_BYTES set to ``mib`` MiB inside the block (None: unchanged),
-    restored after."""
+def planner_setting(name, value):
+    """The planner's module constant ``name`` (e.g. "CPU_TRAIN_PASS_BYTES") set to ``value``
+    inside the block (None: unchanged), restored after."""
     from explaind_fast.attribution import planner
-    before = planner.NODE_BATCH_BYTES
-    if mib is not None:
-        planner.NODE_BATCH_BYTES = int(mib) << 20
+    before = getattr(planner, name)
+    if value is not None:
+        setattr(planner, name, value)
     try:
         yield
     finally:
-        planner.NODE_BATCH_BYTES = before
+        setattr(planner, name, before)
+
+
+def node_batch_cap(mib):
+    """The planner's NODE_BATCH_BYTES set to ``mib`` MiB inside the block (None: unchanged),
+    restored after."""
+    return planner_setting("NODE_BATCH_BYTES", None if mib is None else int(mib) << 20)
 
 
 # ------------------------------------------------------------------------------------- results

@@ -96,3 +96,7 @@ def test_node_batch_variants_and_cap_restore_the_planner():
     except RuntimeError:
         pass
     assert planner.NODE_BATCH_BYTES == before
+    cap = planner.CPU_TRAIN_PASS_BYTES
+    with bm.planner_setting("CPU_TRAIN_PASS_BYTES", 7):
+        assert planner.CPU_TRAIN_PASS_BYTES == 7
+    assert planner.CPU_TRAIN_PASS_BYTES == cap
