@@ -19,9 +19,10 @@ Timing
                         the user and system CPU seconds and the minor / major page faults it
                         caused; the process's max RSS so far. On CUDA it synchronizes on entry and
                         exit so the wall time covers the queued work.
-    :func:`node_batch_variants`, :func:`node_batch_cap` (:func:`planner_setting`)  the A/B of the planner's node-batch
-                        cap (``--node-batch`` of bench_paper_case.py / bench_kinks_speed.py): rows
-                        "rule @ 16MiB", the cap set for one block and restored after.
+    :func:`node_batch_variants`, :func:`node_batch_cap` (:func:`planner_setting`)
+                        the A/B of the planner's node-batch cap (``--node-batch`` of
+                        bench_paper_case.py / bench_kinks_speed.py): rows "rule @ 16MiB", the
+                        cap set for one block and restored after.
 
 Peak memory (what a call needs on top of what exists before it)
     :class:`track_peak` context manager, :func:`peak_memory` the same for one call.

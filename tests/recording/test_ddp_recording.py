@@ -22,6 +22,7 @@ batches with weights 1/(world size × local batch) (the loss Σ_k w_k L_k over t
 decomposes exactly with per-sample data (``attribute(..., data="sample")``): the certificate
 passes, the step identity to 1e-12 relative, the reconstruction to 1e-9 of the change.
 """
+import contextlib
 import os
 import warnings
 
@@ -131,7 +132,7 @@ def _worker(rank, world, base):
             for j, idx in enumerate(micro):
                 rec.set_batch(idx, scale=scale)       # this rank's samples, mean loss
                 last = j == len(micro) - 1
-                with (_nullcontext() if last else ddp.no_sync()):
+                with (contextlib.nullcontext() if last else ddp.no_sync()):
                     (F.cross_entropy(ddp(X[idx]), Y[idx]) * scale).backward()
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), CLIP)
             opt.step()
@@ -220,21 +221,13 @@ def _worker(rank, world, base):
     return result
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """Both ranks' results. run_ranks reads each rank's return value from a file written before
     the process exits, so a rank that aborts while Python shuts down does not fail the run: a gloo
     worker thread can still be releasing the last all_gather's tensors then, and taking the GIL
     during interpreter finalisation aborts the process (pytorch/pytorch#190489; this test's ranks
-    hit it in about 1 run in 13 when they exited by themselves under mp.spawn)."""
+    hit it intermittently, failing CI, when they exited by themselves under mp.spawn)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available")
